@@ -1,0 +1,10 @@
+# HMMKIT_SANITIZE=address builds with ASan+UBSan, =thread with TSan (see CMakePresets.json).
+if(HMMKIT_SANITIZE STREQUAL "address")
+  add_compile_options(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=address,undefined)
+elseif(HMMKIT_SANITIZE STREQUAL "thread")
+  add_compile_options(-fsanitize=thread -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=thread)
+elseif(NOT HMMKIT_SANITIZE STREQUAL "")
+  message(FATAL_ERROR "HMMKIT_SANITIZE must be '', 'address' or 'thread', not '${HMMKIT_SANITIZE}'")
+endif()

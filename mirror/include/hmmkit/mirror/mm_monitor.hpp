@@ -1,0 +1,188 @@
+// MmMonitor: turns changes of the real address space into notifier invalidations, and dispatches
+// userfaultfd page faults to the handlers that own the faulting range.
+//
+// One userfaultfd per AddressSpace. Mirrored ranges are registered in aligned granules (Options::
+// granule, 2 MiB by default) so that registrations merge instead of splitting VMAs into thousands
+// (vm.max_map_count). Registration uses write-protect mode where the kernel has it, so that ordinary
+// first-touch faults never reach the monitor; MISSING mode is added only where a handler asks for it.
+//
+// Threads (all owned by the monitor, started by Start, joined by the destructor):
+//   reader   reads userfaultfd messages as soon as they arrive and queues them. It takes only the
+//            monitor's queue lock (held for nanoseconds, never across a callback), so a thread blocked
+//            in munmap/madvise/mremap/fork waiting for its event to be read is released at once,
+//            whatever locks that thread holds. It never calls application code.
+//   events   runs the invalidations (NotifierTree::Invalidate) for UNMAP, REMOVE and REMAP events,
+//            in the order the kernel delivered them. Callbacks run here and may block.
+//   faults   runs FaultHandler::HandleFault for MISSING and WP faults. A fault with no handler is
+//            resolved (zero page or write-unprotect) and counted, never left hanging.
+//
+// Events and what they become (kernel counterpart in brackets):
+//   UFFD_EVENT_UNMAP  [munmap, after the change]        kUnmap over the unmapped range
+//   UFFD_EVENT_REMOVE [MADV_DONTNEED/REMOVE, before]   kClear, unless it is one of hmmkit's own
+//                                                      removals announced with ExpectRemove
+//   UFFD_EVENT_REMAP  [mremap, after]                  kUnmap over the old range
+//   UFFD_EVENT_FORK   [fork]                           no invalidation; counted, child's uffd closed
+// What userfaultfd cannot see (mprotect, regular file mappings, ranges registered on another
+// userfaultfd) is listed in docs/architecture.md; interposition covers the first two.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "hmmkit/base/mutex.hpp"
+#include "hmmkit/base/status.hpp"
+#include "hmmkit/mirror/kernel_features.hpp"
+
+namespace hmmkit {
+
+class AddressSpace;
+
+// A CPU page fault caught by userfaultfd.
+struct CpuFault {
+  uintptr_t address = 0;  // page-aligned unless the kernel gave the exact address
+  bool write = false;     // the access was a write
+  bool wp = false;        // a write-protect fault (else a missing-page fault)
+  pid_t tid = 0;          // faulting thread, when UFFD_FEATURE_THREAD_ID is on
+};
+
+// Resolves faults in a range the handler registered with AddFaultHandler.
+class FaultHandler {
+ public:
+  virtual ~FaultHandler() = default;
+  // Required. Must resolve the fault before returning, with MmMonitor::Copy/ZeroPage/WriteProtect/
+  // Move/Wake (the faulting thread sleeps until then). Context: the monitor's fault thread; no hmmkit
+  // lock held; may block on driver locks, but must never touch mirrored CPU memory that could fault
+  // into this same thread. Returns an error only when it could not resolve: the monitor then wakes
+  // the thread with the page left as the kernel has it and logs the error.
+  virtual Status HandleFault(MmMonitor& monitor, const CpuFault& fault) = 0;
+};
+
+class MmMonitor {
+ public:
+  struct Stats {
+    uint64_t events_unmap = 0;
+    uint64_t events_remove = 0;
+    uint64_t events_remove_expected = 0;  // hmmkit's own removals, filtered
+    uint64_t events_remap = 0;
+    uint64_t events_fork = 0;
+    uint64_t faults = 0;
+    uint64_t faults_unhandled = 0;
+    uint64_t registrations = 0;        // successful UFFDIO_REGISTER calls
+    uint64_t registration_failures = 0;
+    uint64_t interposed = 0;           // synchronous notifications from interposition
+  };
+
+  // Opens a userfaultfd the best way the kernel allows and handshakes the features the monitor uses.
+  // Errors: ENOTSUP with the reason when no userfaultfd can be opened.
+  static Result<std::unique_ptr<MmMonitor>> Create(AddressSpace& as);
+  ~MmMonitor();  // stops and joins the threads, closes the descriptor
+  MmMonitor(const MmMonitor&) = delete;
+  MmMonitor& operator=(const MmMonitor&) = delete;
+
+  UffdOpenMode open_mode() const { return open_mode_; }
+  int fd() const { return uffd_; }
+  uint64_t features() const { return features_; }
+
+  // Makes sure every registrable VMA in [start, end) (expanded to the granule) is registered, so its
+  // changes raise invalidations. Called by range_fault before it snapshots. Cheap when already done.
+  // Regular-file and special VMAs are skipped: not an error (see "what the monitor cannot see").
+  // Errors: only unexpected registration failures (EBUSY: the range is registered on another
+  // userfaultfd; ENOMEM: vm.max_map_count reached).
+  Status EnsureWatched(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
+  // True when every page of [start, end) lies in a registered range.
+  bool IsWatched(uintptr_t start, uintptr_t end) const EXCLUDES(reg_mu_);
+
+  // Routes MISSING and WP faults in [start, end) to `handler` and registers the range with MISSING
+  // (and WP where available). Ranges of two handlers must not overlap (EEXIST). The handler must
+  // outlive its registration. Errors: EINVAL, EEXIST, registration errors.
+  Status AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& handler) EXCLUDES(reg_mu_);
+  // Removes the routing; after return the handler is not running and will not be called.
+  void RemoveFaultHandler(FaultHandler& handler) EXCLUDES(reg_mu_);
+
+  // Announces that hmmkit itself is about to MADV_DONTNEED [start, end) (after raising kMigrate), so
+  // that the REMOVE event it causes is not reported again as kClear. Returns a token for EndExpect.
+  uint64_t ExpectRemove(uintptr_t start, uintptr_t end) EXCLUDES(queue_mu_);
+  void EndExpect(uint64_t token) EXCLUDES(queue_mu_);
+
+  // Waits until every event of an operation that returned before this call has been dispatched
+  // (its invalidations have run). Not callable from a callback running on the events thread.
+  void Sync() EXCLUDES(queue_mu_);
+
+  // ---- Resolving faults (FaultHandler) and driving migrations (driver/) -----------------------
+  // Thin wrappers of the UFFDIO_* ioctls; EAGAIN (the mm is changing) and EEXIST (someone else
+  // filled the page) are returned to the caller, which decides; EINTR is retried.
+  Status Copy(uintptr_t dst, const void* src, size_t len, bool write_protect = false);
+  Status ZeroPage(uintptr_t dst, size_t len);
+  Status WriteProtect(uintptr_t start, size_t len, bool protect);
+  Status Wake(uintptr_t start, size_t len);
+  Status Move(uintptr_t dst, uintptr_t src, size_t len);  // ENOTSUP without UFFDIO_MOVE
+
+  // Synchronous notification from the interposer, called on the application thread before the
+  // change. Public for the interposition glue; drivers do not call it.
+  void NotifyBeforeChange(uintptr_t start, uintptr_t end, int event_kind);
+
+  Stats stats() const;
+
+ private:
+  explicit MmMonitor(AddressSpace& as);
+  Status Open();
+  void Start();
+  void ReaderLoop();
+  void EventLoop();
+  void FaultLoop();
+  Status RegisterLocked(uintptr_t start, uintptr_t end, bool missing) REQUIRES(reg_mu_);
+  void ForgetRegistered(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
+
+  struct Message;  // a queued userfaultfd message or a Sync barrier
+
+  AddressSpace& as_;
+  int uffd_ = -1;
+  int wake_fd_ = -1;  // eventfd that stops the reader
+  UffdOpenMode open_mode_ = UffdOpenMode::kNone;
+  uint64_t features_ = 0;
+  bool wp_anon_ = false;
+  bool wp_shmem_ = false;
+
+  // Registration state. Order: reg_mu_ before queue_mu_; neither is held across a callback.
+  mutable Mutex reg_mu_;
+  std::map<uintptr_t, uintptr_t> registered_ GUARDED_BY(reg_mu_);  // start -> end, merged
+  struct HandlerRange {
+    uintptr_t start;
+    uintptr_t end;
+    FaultHandler* handler;
+  };
+  std::vector<HandlerRange> handlers_ GUARDED_BY(reg_mu_);
+  FaultHandler* running_handler_ GUARDED_BY(reg_mu_) = nullptr;
+  CondVar handler_cv_;
+
+  // Queues between the reader and the dispatch threads.
+  mutable Mutex queue_mu_ ACQUIRED_AFTER(reg_mu_);
+  CondVar queue_cv_;
+  std::deque<std::shared_ptr<Message>> events_ GUARDED_BY(queue_mu_);
+  std::deque<std::shared_ptr<Message>> faults_ GUARDED_BY(queue_mu_);
+  struct Expect {
+    uint64_t token;
+    uintptr_t start;
+    uintptr_t end;
+  };
+  std::vector<Expect> expects_ GUARDED_BY(queue_mu_);
+  uint64_t next_token_ GUARDED_BY(queue_mu_) = 1;
+  bool stopping_ GUARDED_BY(queue_mu_) = false;
+
+  mutable Mutex stats_mu_;
+  Stats stats_ GUARDED_BY(stats_mu_);
+
+  std::thread reader_;
+  std::thread event_thread_;
+  std::thread fault_thread_;
+};
+
+}  // namespace hmmkit

@@ -1,0 +1,123 @@
+#include "test_support.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+namespace hmmkit::test {
+
+Mapping::Mapping(size_t len, int prot, int flags, int fd, off_t offset) : len_(len) {
+  addr_ = mmap(nullptr, len, prot, flags, fd, offset);
+  if (addr_ == MAP_FAILED) {
+    addr_ = nullptr;
+    ADD_FAILURE() << "mmap(" << len << ") failed: " << strerror(errno);
+    len_ = 0;
+  }
+}
+
+Mapping Mapping::AlignedAnon(size_t len, size_t align, int prot) {
+  // Over-allocate, then trim both ends so that the start is aligned.
+  Mapping raw(len + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
+  uintptr_t start = (raw.addr() + align - 1) & ~(uintptr_t(align) - 1);
+  if (start > raw.addr()) munmap(raw.data(), start - raw.addr());
+  if (raw.end() > start + len) munmap(reinterpret_cast<void*>(start + len), raw.end() - start - len);
+  raw.Release();
+  void* p = mmap(reinterpret_cast<void*>(start), len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                 -1, 0);
+  EXPECT_NE(p, MAP_FAILED) << strerror(errno);
+  Mapping m;
+  m.addr_ = p;
+  m.len_ = len;
+  return m;
+}
+
+Mapping Mapping::Memfd(size_t len, int prot) {
+  int fd = memfd_create("hmmkit-test", MFD_CLOEXEC);
+  EXPECT_GE(fd, 0) << strerror(errno);
+  EXPECT_EQ(ftruncate(fd, off_t(len)), 0) << strerror(errno);
+  Mapping m(len, prot, MAP_SHARED, fd, 0);
+  m.fd_ = fd;
+  return m;
+}
+
+Mapping Mapping::TmpFile(size_t len, const char* dir, int flags) {
+  int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  EXPECT_GE(fd, 0) << "O_TMPFILE in " << dir << ": " << strerror(errno);
+  EXPECT_EQ(ftruncate(fd, off_t(len)), 0) << strerror(errno);
+  Mapping m(len, PROT_READ | PROT_WRITE, flags, fd, 0);
+  m.fd_ = fd;
+  return m;
+}
+
+void Mapping::Unmap() {
+  if (addr_) munmap(addr_, len_);
+  addr_ = nullptr;
+  len_ = 0;
+}
+
+Mapping::~Mapping() {
+  Unmap();
+  if (fd_ >= 0) close(fd_);
+}
+
+Mapping::Mapping(Mapping&& o) noexcept : addr_(o.addr_), len_(o.len_), fd_(o.fd_) {
+  o.addr_ = nullptr;
+  o.len_ = 0;
+  o.fd_ = -1;
+}
+
+Mapping& Mapping::operator=(Mapping&& o) noexcept {
+  if (this != &o) {
+    Unmap();
+    if (fd_ >= 0) close(fd_);
+    addr_ = o.addr_;
+    len_ = o.len_;
+    fd_ = o.fd_;
+    o.addr_ = nullptr;
+    o.len_ = 0;
+    o.fd_ = -1;
+  }
+  return *this;
+}
+
+ScopedEnv::ScopedEnv(const char* name, const char* value) : name_(name) {
+  if (const char* old = getenv(name)) {
+    had_ = true;
+    old_ = old;
+  }
+  if (value)
+    setenv(name, value, 1);
+  else
+    unsetenv(name);
+}
+
+ScopedEnv::~ScopedEnv() {
+  if (had_)
+    setenv(name_.c_str(), old_.c_str(), 1);
+  else
+    unsetenv(name_.c_str());
+}
+
+std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options) {
+  auto as = AddressSpace::Create(options);
+  if (!as.ok()) {
+    ADD_FAILURE() << "AddressSpace::Create: " << as.status().ToString();
+    return nullptr;
+  }
+  return *as;
+}
+
+bool FallbackRun() {
+  const char* d = getenv("HMMKIT_DISABLE");
+  return d && *d;
+}
+
+bool ThpAvailable() {
+  auto t = KernelFeatures::Get().thp;
+  return t == ThpMode::kAlways || t == ThpMode::kMadvise;
+}
+
+}  // namespace hmmkit::test

@@ -1,0 +1,74 @@
+// Helpers shared by the test suites: RAII mappings and environment guards. Tests read as
+// given/when/then and restore global state through these.
+#pragma once
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "hmmkit/mirror/address_space.hpp"
+
+namespace hmmkit::test {
+
+inline size_t PageSize() { return size_t(sysconf(_SC_PAGESIZE)); }
+inline constexpr size_t kMiB = 1u << 20;
+
+// An mmap'ed region that is unmapped on destruction (unless released or already unmapped).
+class Mapping {
+ public:
+  Mapping() = default;
+  // mmap(nullptr, len, prot, flags, fd, 0); aborts the test on failure.
+  Mapping(size_t len, int prot, int flags, int fd = -1, off_t offset = 0);
+  // An anonymous private mapping of len bytes whose start is aligned to `align`.
+  static Mapping AlignedAnon(size_t len, size_t align, int prot = PROT_READ | PROT_WRITE);
+  // A shared mapping of a fresh memfd of len bytes.
+  static Mapping Memfd(size_t len, int prot = PROT_READ | PROT_WRITE);
+  // A shared mapping of an unlinked file in `dir` (tmpfs by default) of len bytes.
+  static Mapping TmpFile(size_t len, const char* dir = "/dev/shm", int flags = MAP_SHARED);
+  ~Mapping();
+  Mapping(Mapping&& o) noexcept;
+  Mapping& operator=(Mapping&& o) noexcept;
+
+  char* data() const { return static_cast<char*>(addr_); }
+  uintptr_t addr() const { return reinterpret_cast<uintptr_t>(addr_); }
+  uintptr_t end() const { return addr() + len_; }
+  size_t size() const { return len_; }
+  char* page(size_t i) const { return data() + i * PageSize(); }
+  // Forget the mapping (the test unmapped it itself).
+  void Release() { addr_ = nullptr; len_ = 0; }
+  // munmap now.
+  void Unmap();
+
+ private:
+  void* addr_ = nullptr;
+  size_t len_ = 0;
+  int fd_ = -1;
+};
+
+// Sets an environment variable for the scope, restoring the previous value.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value);
+  ~ScopedEnv();
+
+ private:
+  std::string name_;
+  std::string old_;
+  bool had_ = false;
+};
+
+// Creates an AddressSpace or fails the test.
+std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options = {});
+
+// True when the fallbacks are forced for this run (HMMKIT_DISABLE set by ctest's fallback.* tests).
+bool FallbackRun();
+
+// True when THP can be obtained with MADV_HUGEPAGE (mode always or madvise).
+bool ThpAvailable();
+
+}  // namespace hmmkit::test
