@@ -4,7 +4,7 @@ target_compile_options(hmmkit_warnings INTERFACE -Wall -Wextra -Wshadow -Wnon-vi
   -Wcast-align -Woverloaded-virtual -Wimplicit-fallthrough)
 if(CMAKE_CXX_COMPILER_ID MATCHES "Clang")
   # The compiler checks the lock order written in the annotations (mirror/base/.../thread_annotations.hpp).
-  target_compile_options(hmmkit_warnings INTERFACE -Wthread-safety -Wthread-safety-negative)
+  target_compile_options(hmmkit_warnings INTERFACE -Wthread-safety)
 endif()
 if(HMMKIT_WERROR)
   target_compile_options(hmmkit_warnings INTERFACE -Werror)

@@ -1,8 +1,601 @@
-// placeholder: being written. Create() fails until the monitor lands.
+// MmMonitor: userfaultfd open, registration in granules, and the reader/event/fault threads.
+// Thread roles and lock order are in mm_monitor.hpp and docs/locking.md.
 #include "hmmkit/mirror/mm_monitor.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "hmmkit/base/log.hpp"
+#include "hmmkit/mirror/address_space.hpp"
+#include "hmmkit/mirror/notifier.hpp"
+#include "hmmkit/mirror/uapi.hpp"
+#include "hmmkit_interpose.h"
+#include "uffd_ops.hpp"
+
 namespace hmmkit {
-Result<std::unique_ptr<MmMonitor>> MmMonitor::Create(AddressSpace&) {
-  return Status::FromErrno(ENOTSUP, "monitor not built yet");
+
+namespace {
+
+constexpr uint64_t kWantedFeatures =
+    UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP |
+    UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_PAGEFAULT_FLAG_WP |
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS |
+    UFFD_FEATURE_MOVE | UFFD_FEATURE_POISON;
+
+uintptr_t AlignDown(uintptr_t v, uintptr_t a) { return v & ~(a - 1); }
+uintptr_t AlignUp(uintptr_t v, uintptr_t a) { return (v + a - 1) & ~(a - 1); }
+
+// Opens a userfaultfd the way the probe found best. Returns -1 with errno on failure.
+int OpenUffd(UffdOpenMode mode) {
+  constexpr int kFlags = O_CLOEXEC | O_NONBLOCK;
+  switch (mode) {
+    case UffdOpenMode::kDevNode: {
+      int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+      if (dev < 0) return -1;
+      int fd = ::ioctl(dev, USERFAULTFD_IOC_NEW, kFlags);
+      int saved = errno;
+      ::close(dev);
+      errno = saved;
+      return fd;
+    }
+    case UffdOpenMode::kSyscall:
+      return int(::syscall(SYS_userfaultfd, kFlags));
+    case UffdOpenMode::kSyscallUserOnly:
+      return int(::syscall(SYS_userfaultfd, kFlags | UFFD_USER_MODE_ONLY));
+    case UffdOpenMode::kNone:
+      break;
+  }
+  errno = ENOSYS;
+  return -1;
 }
-MmMonitor::~MmMonitor() = default;
+
+// Interval-set helpers over a map start -> end of disjoint, merged ranges.
+using IntervalMap = std::map<uintptr_t, uintptr_t>;
+
+void IntervalAdd(IntervalMap& m, uintptr_t start, uintptr_t end) {
+  auto it = m.upper_bound(start);
+  if (it != m.begin()) {
+    auto prev = std::prev(it);
+    if (prev->second >= start) {
+      start = prev->first;
+      end = std::max(end, prev->second);
+      it = m.erase(prev);
+    }
+  }
+  while (it != m.end() && it->first <= end) {
+    end = std::max(end, it->second);
+    it = m.erase(it);
+  }
+  m.emplace(start, end);
+}
+
+void IntervalSubtract(IntervalMap& m, uintptr_t start, uintptr_t end) {
+  auto it = m.upper_bound(start);
+  if (it != m.begin()) --it;
+  while (it != m.end() && it->first < end) {
+    uintptr_t s = it->first, e = it->second;
+    if (e <= start) {
+      ++it;
+      continue;
+    }
+    it = m.erase(it);
+    if (s < start) m.emplace(s, start);
+    if (e > end) it = m.emplace(end, e).first, ++it;
+  }
+}
+
+bool IntervalCovers(const IntervalMap& m, uintptr_t start, uintptr_t end) {
+  auto it = m.upper_bound(start);
+  if (it == m.begin()) return false;
+  --it;
+  while (start < end) {
+    if (it == m.end() || it->first > start || it->second <= start) return false;
+    start = it->second;
+    ++it;
+  }
+  return true;
+}
+
+// The parts of [start, end) not covered by m.
+std::vector<std::pair<uintptr_t, uintptr_t>> IntervalGaps(const IntervalMap& m, uintptr_t start,
+                                                          uintptr_t end) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> gaps;
+  auto it = m.upper_bound(start);
+  if (it != m.begin() && std::prev(it)->second > start) --it;
+  uintptr_t cur = start;
+  for (; it != m.end() && it->first < end; ++it) {
+    if (it->first > cur) gaps.emplace_back(cur, it->first);
+    cur = std::max(cur, it->second);
+  }
+  if (cur < end) gaps.emplace_back(cur, end);
+  return gaps;
+}
+
+}  // namespace
+
+struct MmMonitor::Message {
+  enum class Kind : uint8_t { kUffd, kBarrier } kind = Kind::kUffd;
+  uffd_msg msg{};
+  bool done = false;  // barrier: set by the event thread; guarded by queue_mu_
+};
+
+MmMonitor::MmMonitor(AddressSpace& as) : as_(as) {}
+
+Result<std::unique_ptr<MmMonitor>> MmMonitor::Create(AddressSpace& as) {
+  std::unique_ptr<MmMonitor> m(new MmMonitor(as));
+  HMMKIT_RETURN_IF_ERROR(m->Open());
+  m->Start();
+  return m;
+}
+
+Status MmMonitor::Open() {
+  const KernelFeatures& f = as_.features();
+  if (f.uffd_mode == UffdOpenMode::kNone)
+    return Status::FromErrno(ENOTSUP, "userfaultfd unavailable: " + f.uffd_error);
+
+  uint64_t want = kWantedFeatures & f.uffd_features;
+  if (f.disabled.count("uffd_wp")) want &= ~uint64_t(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+  // EVENT_FORK needs CAP_SYS_PTRACE on recent kernels: retry without it on EPERM.
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    uffd_ = OpenUffd(f.uffd_mode);
+    if (uffd_ < 0) return Status::FromErrno(errno, std::string("open userfaultfd (") + ToString(f.uffd_mode) + ")");
+    uffdio_api api{};
+    api.api = UFFD_API;
+    api.features = want;
+    if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_API, &api) == 0) {
+      features_ = want;
+      break;
+    }
+    int err = errno;
+    ::close(uffd_);
+    uffd_ = -1;
+    if (err == EPERM && (want & UFFD_FEATURE_EVENT_FORK)) {
+      Log().warn("userfaultfd EVENT_FORK refused (needs CAP_SYS_PTRACE): raw forks are not seen");
+      want &= ~uint64_t(UFFD_FEATURE_EVENT_FORK);
+      continue;
+    }
+    return Status::FromErrno(err, "UFFDIO_API handshake");
+  }
+  if (uffd_ < 0) return Status::FromErrno(EPERM, "UFFDIO_API handshake");
+  open_mode_ = f.uffd_mode;
+  wp_anon_ = (features_ & UFFD_FEATURE_PAGEFAULT_FLAG_WP) != 0;
+  wp_shmem_ = wp_anon_ && (features_ & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
+  wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (wake_fd_ < 0) return Status::FromErrno(errno, "eventfd for the monitor");
+  Log().info("monitor: userfaultfd via {}, features {:#x}, registration mode {}", ToString(open_mode_),
+             features_, wp_anon_ ? "write-protect (no first-touch faults)" : "missing (first touch faults through the monitor)");
+  return Status::Ok();
+}
+
+void MmMonitor::Start() {
+  reader_ = std::thread([this] { ReaderLoop(); });
+  event_thread_ = std::thread([this] { EventLoop(); });
+  fault_thread_ = std::thread([this] { FaultLoop(); });
+}
+
+MmMonitor::~MmMonitor() {
+  if (wake_fd_ >= 0) {
+    {
+      MutexLock lock(queue_mu_);
+      stopping_ = true;
+    }
+    queue_cv_.NotifyAll();
+    uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
+  }
+  if (reader_.joinable()) reader_.join();
+  if (event_thread_.joinable()) event_thread_.join();
+  if (fault_thread_.joinable()) fault_thread_.join();
+  // Closing the userfaultfd wakes any thread still waiting on a fault; the kernel then handles it.
+  if (uffd_ >= 0) ::close(uffd_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+// ---- registration ------------------------------------------------------------------------------
+
+Status MmMonitor::EnsureWatched(uintptr_t start, uintptr_t end) {
+  MutexLock lock(reg_mu_);
+  if (IntervalCovers(registered_, start, end)) return Status::Ok();
+  const uintptr_t g = as_.options().granule;
+  const uintptr_t gstart = AlignDown(start, g);
+  const uintptr_t gend = end > UINTPTR_MAX - g ? end : AlignUp(end, g);
+  auto vmas = as_.FindVmas(gstart, gend);
+  if (!vmas.ok()) return vmas.status();
+  for (const Vma& vma : *vmas) {
+    if (!vma.registrable()) continue;
+    uintptr_t s = std::max(vma.start, gstart), e = std::min(vma.end, gend);
+    if (vma.kind == VmaKind::kHugetlb) {
+      s = std::max(vma.start, AlignDown(s, vma.page_size));
+      e = std::min(vma.end, AlignUp(e, vma.page_size));
+    }
+    for (auto [gs, ge] : IntervalGaps(registered_, s, e)) {
+      Status st = RegisterLocked(gs, ge, /*missing=*/false);
+      if (st.errno_value() == ENOMEM) return st;  // vm.max_map_count: the caller must know
+      if (!st.ok() && (gs < end && ge > start)) {
+        Log().warn("monitor: range {:#x}-{:#x} ({}) is not watched: {}", gs, ge, ToString(vma.kind),
+                   st.ToString());
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+bool MmMonitor::IsWatched(uintptr_t start, uintptr_t end) const {
+  MutexLock lock(reg_mu_);
+  return IntervalCovers(registered_, start, end);
+}
+
+Status MmMonitor::RegisterLocked(uintptr_t start, uintptr_t end, bool missing) {
+  auto vma = as_.FindVma(start);
+  bool shmem_like = vma.ok() && *vma && (*vma)->kind != VmaKind::kAnon;
+  bool wp = shmem_like ? wp_shmem_ : wp_anon_;
+  uint64_t modes = 0;
+  if (wp) modes |= UFFDIO_REGISTER_MODE_WP;
+  if (missing || !wp) modes |= UFFDIO_REGISTER_MODE_MISSING;
+  Status st = uffd::Register(as_.sys(), uffd_, start, end, modes);
+  MutexLock lock(stats_mu_);
+  if (!st.ok()) {
+    stats_.registration_failures++;
+    return st;
+  }
+  stats_.registrations++;
+  IntervalAdd(registered_, start, end);
+  return st;
+}
+
+void MmMonitor::ForgetRegistered(uintptr_t start, uintptr_t end) {
+  MutexLock lock(reg_mu_);
+  IntervalSubtract(registered_, start, end);
+}
+
+Status MmMonitor::AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& handler) {
+  const uintptr_t page = as_.features().page_size;
+  if (start >= end || (start | end) & (page - 1))
+    return Status::FromErrno(EINVAL, "AddFaultHandler: unaligned or empty range");
+  MutexLock lock(reg_mu_);
+  for (const HandlerRange& h : handlers_)
+    if (h.start < end && start < h.end)
+      return Status::FromErrno(EEXIST, "AddFaultHandler: range overlaps another handler");
+  HMMKIT_RETURN_IF_ERROR(RegisterLocked(start, end, /*missing=*/true));
+  handlers_.push_back(HandlerRange{start, end, &handler});
+  return Status::Ok();
+}
+
+void MmMonitor::RemoveFaultHandler(FaultHandler& handler) {
+  MutexLock lock(reg_mu_);
+  for (auto it = handlers_.begin(); it != handlers_.end();) {
+    if (it->handler != &handler) {
+      ++it;
+      continue;
+    }
+    // Back to the base mode: later missing faults are the kernel's again.
+    uint64_t modes = wp_anon_ ? UFFDIO_REGISTER_MODE_WP : UFFDIO_REGISTER_MODE_MISSING;
+    if (!uffd::Register(as_.sys(), uffd_, it->start, it->end, modes).ok()) {
+      uffd::Unregister(as_.sys(), uffd_, it->start, it->end).IgnoreError();
+      IntervalSubtract(registered_, it->start, it->end);
+    }
+    it = handlers_.erase(it);
+  }
+  // The fault thread may be inside this handler right now: wait, unless we are that thread.
+  if (std::this_thread::get_id() != fault_thread_.get_id())
+    handler_cv_.Wait(reg_mu_, [&]() REQUIRES(reg_mu_) { return running_handler_ != &handler; });
+}
+
+// ---- self-inflicted removals -------------------------------------------------------------------
+
+uint64_t MmMonitor::ExpectRemove(uintptr_t start, uintptr_t end) {
+  MutexLock lock(queue_mu_);
+  uint64_t token = next_token_++;
+  expects_.push_back(Expect{token, start, end});
+  return token;
+}
+
+void MmMonitor::EndExpect(uint64_t token) {
+  MutexLock lock(queue_mu_);
+  std::erase_if(expects_, [&](const Expect& e) { return e.token == token; });
+}
+
+// ---- threads -----------------------------------------------------------------------------------
+
+void MmMonitor::ReaderLoop() {
+  pollfd fds[2] = {{uffd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
+  uffd_msg msgs[32];
+  for (;;) {
+    int n = ::poll(fds, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      Log().error("monitor: poll failed: {}", strerror(errno));
+      return;
+    }
+    if (fds[1].revents) return;
+    if (fds[0].revents & (POLLERR | POLLHUP)) {
+      Log().error("monitor: userfaultfd reports an error; stopping the reader");
+      return;
+    }
+    // Read under the queue lock: an operation that returned (its event was read) is then queued
+    // before any later Sync() can place its barrier.
+    bool queued_event = false, queued_fault = false;
+    {
+      MutexLock lock(queue_mu_);
+      for (;;) {
+        ssize_t got = as_.sys().Read(uffd_, msgs, sizeof msgs);
+        if (got < 0) {
+          if (errno == EINTR) continue;
+          if (errno != EAGAIN) Log().error("monitor: read(userfaultfd): {}", strerror(errno));
+          break;
+        }
+        for (size_t i = 0; i < size_t(got) / sizeof(uffd_msg); ++i) {
+          const uffd_msg& m = msgs[i];
+          MutexLock slock(stats_mu_);
+          switch (m.event) {
+            case UFFD_EVENT_PAGEFAULT:
+              faults_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              stats_.faults++;
+              queued_fault = true;
+              break;
+            case UFFD_EVENT_FORK:
+              // The child's userfaultfd arrives in our fd table; closing it drops the child's
+              // registrations (it handles its own mirroring). Forked pages are now shared COW.
+              ::close(int(m.arg.fork.ufd));
+              AddressSpace::NoteFork();
+              stats_.events_fork++;
+              break;
+            case UFFD_EVENT_REMOVE: {
+              const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
+              bool expected = std::any_of(expects_.begin(), expects_.end(), [&](const Expect& x) {
+                return x.start <= s && e <= x.end;
+              });
+              if (expected) {
+                stats_.events_remove_expected++;
+                break;
+              }
+              stats_.events_remove++;
+              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              queued_event = true;
+              break;
+            }
+            case UFFD_EVENT_UNMAP:
+              stats_.events_unmap++;
+              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              queued_event = true;
+              break;
+            case UFFD_EVENT_REMAP:
+              stats_.events_remap++;
+              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              queued_event = true;
+              break;
+            default:
+              Log().warn("monitor: unknown userfaultfd event {}", int(m.event));
+          }
+        }
+      }
+    }
+    if (queued_event || queued_fault) queue_cv_.NotifyAll();
+  }
+}
+
+void MmMonitor::EventLoop() {
+  NotifierTree& tree = as_.notifiers();
+  for (;;) {
+    std::shared_ptr<Message> msg;
+    {
+      MutexLock lock(queue_mu_);
+      queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return stopping_ || !events_.empty(); });
+      if (events_.empty()) return;  // stopping with nothing left
+      msg = std::move(events_.front());
+      events_.pop_front();
+      if (msg->kind == Message::Kind::kBarrier) {
+        msg->done = true;
+        queue_cv_.NotifyAll();
+        continue;
+      }
+    }
+    const uffd_msg& m = msg->msg;
+    switch (m.event) {
+      case UFFD_EVENT_UNMAP:
+        ForgetRegistered(m.arg.remove.start, m.arg.remove.end);
+        tree.Invalidate(NotifierRange{uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end),
+                                      InvalidateEvent::kUnmap, nullptr});
+        break;
+      case UFFD_EVENT_REMOVE:
+        tree.Invalidate(NotifierRange{uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end),
+                                      InvalidateEvent::kClear, nullptr});
+        break;
+      case UFFD_EVENT_REMAP: {
+        const uintptr_t from = m.arg.remap.from, to = m.arg.remap.to, len = m.arg.remap.len;
+        {
+          // The registration moved with the VMA.
+          MutexLock lock(reg_mu_);
+          IntervalSubtract(registered_, from, from + len);
+          IntervalAdd(registered_, to, to + len);
+        }
+        tree.Invalidate(NotifierRange{from, from + len, InvalidateEvent::kUnmap, nullptr});
+        break;
+      }
+      default:
+        break;
+    }
+  }
+}
+
+void MmMonitor::FaultLoop() {
+  const uintptr_t page = as_.features().page_size;
+  for (;;) {
+    std::shared_ptr<Message> msg;
+    {
+      MutexLock lock(queue_mu_);
+      queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return stopping_ || !faults_.empty(); });
+      if (stopping_) return;  // closing the userfaultfd releases the waiting threads
+      msg = std::move(faults_.front());
+      faults_.pop_front();
+    }
+    const auto& pf = msg->msg.arg.pagefault;
+    CpuFault fault;
+    fault.address = uintptr_t(pf.address);
+    fault.write = (pf.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
+    fault.wp = (pf.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+    fault.tid = pid_t(pf.feat.ptid);
+
+    FaultHandler* handler = nullptr;
+    {
+      MutexLock lock(reg_mu_);
+      for (const HandlerRange& h : handlers_)
+        if (fault.address >= h.start && fault.address < h.end) handler = h.handler;
+      running_handler_ = handler;
+    }
+    const uintptr_t pg = fault.address & ~(page - 1);
+    if (handler) {
+      Status st = handler->HandleFault(*this, fault);
+      if (!st.ok()) {
+        Log().error("monitor: fault handler failed at {:#x}: {}", fault.address, st.ToString());
+        Wake(pg, page).IgnoreError();
+      }
+    } else {
+      // Nobody owns this range: resolve as the kernel would have, so the thread never hangs.
+      {
+        MutexLock slock(stats_mu_);
+        stats_.faults_unhandled++;
+      }
+      Status st = fault.wp ? WriteProtect(pg, page, false) : ZeroPage(pg, page);
+      if (st.errno_value() == EEXIST || !st.ok()) Wake(pg, page).IgnoreError();
+    }
+    {
+      MutexLock lock(reg_mu_);
+      running_handler_ = nullptr;
+    }
+    handler_cv_.NotifyAll();
+  }
+}
+
+void MmMonitor::Sync() {
+  auto barrier = std::make_shared<Message>();
+  barrier->kind = Message::Kind::kBarrier;
+  MutexLock lock(queue_mu_);
+  if (stopping_) return;
+  events_.push_back(barrier);
+  queue_cv_.NotifyAll();
+  queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return barrier->done || stopping_; });
+}
+
+// ---- interposition -----------------------------------------------------------------------------
+
+void MmMonitor::NotifyBeforeChange(uintptr_t start, uintptr_t end, int event_kind) {
+  InvalidateEvent ev = InvalidateEvent::kUnmap;
+  switch (event_kind) {
+    case HMMKIT_INTERPOSE_UNMAP:
+      ev = InvalidateEvent::kUnmap;
+      break;
+    case HMMKIT_INTERPOSE_CLEAR:
+      ev = InvalidateEvent::kClear;
+      break;
+    case HMMKIT_INTERPOSE_PROTECT:
+      ev = InvalidateEvent::kProtectionVma;
+      break;
+    default:
+      return;
+  }
+  {
+    MutexLock slock(stats_mu_);
+    stats_.interposed++;
+  }
+  as_.notifiers().Invalidate(NotifierRange{start, end, ev, nullptr});
+}
+
+MmMonitor::Stats MmMonitor::stats() const {
+  MutexLock lock(stats_mu_);
+  return stats_;
+}
+
+// ---- UFFDIO wrappers ---------------------------------------------------------------------------
+
+Status MmMonitor::Copy(uintptr_t dst, const void* src, size_t len, bool write_protect) {
+  uffdio_copy c{};
+  c.dst = dst;
+  c.src = reinterpret_cast<uintptr_t>(src);
+  c.len = len;
+  c.mode = write_protect ? UFFDIO_COPY_MODE_WP : 0;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_COPY, &c) != 0)
+    return Status::FromErrno(errno, "UFFDIO_COPY");
+  return Status::Ok();
+}
+
+Status MmMonitor::ZeroPage(uintptr_t dst, size_t len) {
+  uffdio_zeropage z{};
+  z.range.start = dst;
+  z.range.len = len;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_ZEROPAGE, &z) != 0)
+    return Status::FromErrno(errno, "UFFDIO_ZEROPAGE");
+  return Status::Ok();
+}
+
+Status MmMonitor::WriteProtect(uintptr_t start, size_t len, bool protect) {
+  uffdio_writeprotect w{};
+  w.range.start = start;
+  w.range.len = len;
+  w.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_WRITEPROTECT, &w) != 0)
+    return Status::FromErrno(errno, "UFFDIO_WRITEPROTECT");
+  return Status::Ok();
+}
+
+Status MmMonitor::Wake(uintptr_t start, size_t len) {
+  uffdio_range r{};
+  r.start = start;
+  r.len = len;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_WAKE, &r) != 0)
+    return Status::FromErrno(errno, "UFFDIO_WAKE");
+  return Status::Ok();
+}
+
+Status MmMonitor::Move(uintptr_t dst, uintptr_t src, size_t len) {
+  if (!(features_ & UFFD_FEATURE_MOVE))
+    return Status::FromErrno(ENOTSUP, "UFFDIO_MOVE needs Linux 6.8");
+  uffdio_move mv{};
+  mv.dst = dst;
+  mv.src = src;
+  mv.len = len;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_MOVE, &mv) != 0)
+    return Status::FromErrno(errno, "UFFDIO_MOVE");
+  return Status::Ok();
+}
+
+// ---- uffd helpers ------------------------------------------------------------------------------
+
+namespace uffd {
+
+int IoctlRetry(Sys& sys, int fd, unsigned long request, void* arg) {
+  int rc;
+  do {
+    rc = sys.Ioctl(fd, request, arg);
+  } while (rc < 0 && errno == EINTR);
+  return rc;
+}
+
+Status Register(Sys& sys, int fd, uintptr_t start, uintptr_t end, uint64_t modes) {
+  uffdio_register reg{};
+  reg.range.start = start;
+  reg.range.len = end - start;
+  reg.mode = modes;
+  if (IoctlRetry(sys, fd, UFFDIO_REGISTER, &reg) != 0)
+    return Status::FromErrno(errno, "UFFDIO_REGISTER");
+  return Status::Ok();
+}
+
+Status Unregister(Sys& sys, int fd, uintptr_t start, uintptr_t end) {
+  uffdio_range r{};
+  r.start = start;
+  r.len = end - start;
+  if (IoctlRetry(sys, fd, UFFDIO_UNREGISTER, &r) != 0)
+    return Status::FromErrno(errno, "UFFDIO_UNREGISTER");
+  return Status::Ok();
+}
+
+}  // namespace uffd
+
 }  // namespace hmmkit

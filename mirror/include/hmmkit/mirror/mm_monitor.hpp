@@ -44,6 +44,7 @@
 namespace hmmkit {
 
 class AddressSpace;
+class MmMonitor;
 
 // A CPU page fault caught by userfaultfd.
 struct CpuFault {

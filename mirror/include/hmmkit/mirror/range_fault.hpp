@@ -10,8 +10,8 @@
 //
 // Output entry layout (bits of the kernel's hmm_pfn where they exist):
 //   63 kValid   62 kWrite   61 kError   56..60 map order   52..55 PageKind   0..51 payload
-// The payload is the device page id for device pages, the PFN for system pages when the process may
-// read PFNs (CAP_SYS_ADMIN), else 0. Request bits share the positions of kValid/kWrite.
+// The payload is the device page id for device pages and 0 for system pages: a device reaches system
+// memory through the virtual address itself. Request bits share the positions of kValid/kWrite.
 //
 // Errors (the entries are undefined after an error):
 //   EBUSY   the notifier's sequence moved (an invalidation ran); call ReadBegin and retry

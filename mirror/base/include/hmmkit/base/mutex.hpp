@@ -40,6 +40,9 @@ class CAPABILITY("mutex") Mutex {
 
   std::mutex& native() { return mu_; }
 
+  // Lets annotations name the negative capability: REQUIRES(!mu) ("caller must not hold mu").
+  const Mutex& operator!() const { return *this; }
+
  private:
   friend class CondVar;
   void set_owner() { owner_.store(std::this_thread::get_id(), std::memory_order_relaxed); }
@@ -74,7 +77,7 @@ class CondVar {
   void Wait(Mutex& mu, Pred pred) REQUIRES(mu) {
     std::unique_lock<std::mutex> lk(mu.native(), std::adopt_lock);
     mu.clear_owner();
-    cv_.wait(lk, [&] {
+    cv_.wait(lk, [&]() NO_THREAD_SAFETY_ANALYSIS {  // mu is held here; the analysis cannot see it
       mu.set_owner();  // the predicate runs with the lock held
       bool done = pred();
       if (!done) mu.clear_owner();
@@ -87,7 +90,7 @@ class CondVar {
   bool WaitUntil(Mutex& mu, std::chrono::time_point<Clock, Dur> deadline, Pred pred) REQUIRES(mu) {
     std::unique_lock<std::mutex> lk(mu.native(), std::adopt_lock);
     mu.clear_owner();
-    bool ok = cv_.wait_until(lk, deadline, [&] {
+    bool ok = cv_.wait_until(lk, deadline, [&]() NO_THREAD_SAFETY_ANALYSIS {
       mu.set_owner();
       bool done = pred();
       if (!done) mu.clear_owner();
