@@ -28,8 +28,12 @@ constexpr uint64_t kWantedFeatures =
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS |
     UFFD_FEATURE_MOVE | UFFD_FEATURE_POISON;
 
-uintptr_t AlignDown(uintptr_t v, uintptr_t a) { return v & ~(a - 1); }
-uintptr_t AlignUp(uintptr_t v, uintptr_t a) { return (v + a - 1) & ~(a - 1); }
+uintptr_t AlignDown(uintptr_t v, uintptr_t a) {
+  return v & ~(a - 1);
+}
+uintptr_t AlignUp(uintptr_t v, uintptr_t a) {
+  return (v + a - 1) & ~(a - 1);
+}
 
 // Opens a userfaultfd the way the probe found best. Returns -1 with errno on failure.
 int OpenUffd(UffdOpenMode mode) {
@@ -140,11 +144,14 @@ Status MmMonitor::Open() {
     return Status::FromErrno(ENOTSUP, "userfaultfd unavailable: " + f.uffd_error);
 
   uint64_t want = kWantedFeatures & f.uffd_features;
-  if (f.disabled.count("uffd_wp")) want &= ~uint64_t(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+  if (f.disabled.count("uffd_wp"))
+    want &= ~uint64_t(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
   // EVENT_FORK needs CAP_SYS_PTRACE on recent kernels: retry without it on EPERM.
   for (int attempt = 0; attempt < 2; ++attempt) {
     uffd_ = OpenUffd(f.uffd_mode);
-    if (uffd_ < 0) return Status::FromErrno(errno, std::string("open userfaultfd (") + ToString(f.uffd_mode) + ")");
+    if (uffd_ < 0)
+      return Status::FromErrno(errno,
+                               std::string("open userfaultfd (") + ToString(f.uffd_mode) + ")");
     uffdio_api api{};
     api.api = UFFD_API;
     api.features = want;
@@ -168,8 +175,10 @@ Status MmMonitor::Open() {
   wp_shmem_ = wp_anon_ && (features_ & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
   wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (wake_fd_ < 0) return Status::FromErrno(errno, "eventfd for the monitor");
-  Log().info("monitor: userfaultfd via {}, features {:#x}, registration mode {}", ToString(open_mode_),
-             features_, wp_anon_ ? "write-protect (no first-touch faults)" : "missing (first touch faults through the monitor)");
+  Log().info("monitor: userfaultfd via {}, features {:#x}, registration mode {}",
+             ToString(open_mode_), features_,
+             wp_anon_ ? "write-protect (no first-touch faults)"
+                      : "missing (first touch faults through the monitor)");
   return Status::Ok();
 }
 
@@ -180,18 +189,29 @@ void MmMonitor::Start() {
 }
 
 MmMonitor::~MmMonitor() {
+  // Order matters. Any thread (our own dispatch threads included: glibc trims a thread's malloc
+  // arena with MADV_DONTNEED when it exits) that changes a registered range sleeps until the reader
+  // reads its event. So: drop every registration first, stop the dispatch threads while the reader
+  // still reads, and stop the reader last.
+  if (uffd_ >= 0) {
+    MutexLock lock(reg_mu_);
+    for (const auto& [start, end] : registered_)
+      uffd::Unregister(as_.sys(), uffd_, start, end).IgnoreError();
+    registered_.clear();
+    handlers_.clear();
+  }
+  {
+    MutexLock lock(queue_mu_);
+    stopping_ = true;
+  }
+  queue_cv_.NotifyAll();
+  if (event_thread_.joinable()) event_thread_.join();
+  if (fault_thread_.joinable()) fault_thread_.join();
   if (wake_fd_ >= 0) {
-    {
-      MutexLock lock(queue_mu_);
-      stopping_ = true;
-    }
-    queue_cv_.NotifyAll();
     uint64_t one = 1;
     [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
   }
   if (reader_.joinable()) reader_.join();
-  if (event_thread_.joinable()) event_thread_.join();
-  if (fault_thread_.joinable()) fault_thread_.join();
   // Closing the userfaultfd wakes any thread still waiting on a fault; the kernel then handles it.
   if (uffd_ >= 0) ::close(uffd_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
@@ -205,7 +225,10 @@ Status MmMonitor::EnsureWatched(uintptr_t start, uintptr_t end) {
   const uintptr_t g = as_.options().granule;
   const uintptr_t gstart = AlignDown(start, g);
   const uintptr_t gend = end > UINTPTR_MAX - g ? end : AlignUp(end, g);
-  auto vmas = as_.FindVmas(gstart, gend);
+  // Expand to the granule only inside the VMAs the caller mirrors: a neighbouring VMA in the same
+  // granule belongs to someone else (a malloc arena, a thread stack), and registering it would make
+  // its owner's munmap/madvise wait on this monitor.
+  auto vmas = as_.FindVmas(start, end);
   if (!vmas.ok()) return vmas.status();
   for (const Vma& vma : *vmas) {
     if (!vma.registrable()) continue;
@@ -386,7 +409,8 @@ void MmMonitor::EventLoop() {
     std::shared_ptr<Message> msg;
     {
       MutexLock lock(queue_mu_);
-      queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return stopping_ || !events_.empty(); });
+      queue_cv_.Wait(queue_mu_,
+                     [&]() REQUIRES(queue_mu_) { return stopping_ || !events_.empty(); });
       if (events_.empty()) return;  // stopping with nothing left
       msg = std::move(events_.front());
       events_.pop_front();
@@ -430,7 +454,8 @@ void MmMonitor::FaultLoop() {
     std::shared_ptr<Message> msg;
     {
       MutexLock lock(queue_mu_);
-      queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return stopping_ || !faults_.empty(); });
+      queue_cv_.Wait(queue_mu_,
+                     [&]() REQUIRES(queue_mu_) { return stopping_ || !faults_.empty(); });
       if (stopping_) return;  // closing the userfaultfd releases the waiting threads
       msg = std::move(faults_.front());
       faults_.pop_front();

@@ -1,1 +1,66 @@
-// placeholder: being written
+// hmmctl: hmmkit's command-line tool. `hmmctl <command> [options]`; `hmmctl --help` lists commands.
+// Exit codes: 0 ok, 1 failure, 2 usage error.
+#include <cstdio>
+#include <span>
+#include <string_view>
+
+#include "hmmctl.hpp"
+
+namespace hmmkit::hmmctl {
+namespace {
+
+struct Command {
+  const char* name;
+  const char* summary;
+  int (*main)(std::span<char* const> args);
+  void (*usage)(FILE* out, const char* indent);
+};
+
+constexpr Command kCommands[] = {
+    {"info", "what the running kernel offers and which mechanism hmmkit uses for each feature",
+     InfoMain, InfoUsage},
+};
+
+void Usage(FILE* out) {
+  std::fprintf(out, "usage: hmmctl <command> [options]\n       hmmctl --help\n\ncommands:\n");
+  for (const Command& c : kCommands) {
+    std::fprintf(out, "  %-6s %s\n", c.name, c.summary);
+    c.usage(out, "         ");
+  }
+  std::fprintf(
+      out,
+      "\nenvironment:\n"
+      "  HMMKIT_LOG=level        trace, debug, info, warn (default), error, off\n"
+      "  HMMKIT_DISABLE=a,b      force fallbacks: pagemap_scan, procmap_query, "
+      "madv_populate,\n"
+      "                          uffdio_move, uffd_wp, dev_userfaultfd\n"
+      "  HMMKIT_INTERPOSE=1      synchronous munmap/mremap/madvise/mprotect notifications\n"
+      "                          (needs libhmmkit_interpose linked or preloaded)\n"
+      "\nexit status: 0 ok, 1 failure, 2 usage error\n");
+}
+
+int Main(std::span<char* const> args) {
+  if (args.empty()) {
+    Usage(stderr);
+    return kExitUsage;
+  }
+  std::string_view cmd = args[0];
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    Usage(stdout);
+    return kExitOk;
+  }
+  for (const Command& c : kCommands) {
+    if (cmd == c.name) return c.main(args.subspan(1));
+  }
+  std::fprintf(stderr, "hmmctl: unknown command '%.*s'\n\n", int(cmd.size()), cmd.data());
+  Usage(stderr);
+  return kExitUsage;
+}
+
+}  // namespace
+}  // namespace hmmkit::hmmctl
+
+int main(int argc, char** argv) {
+  std::span<char* const> args(argv, size_t(argc));
+  return hmmkit::hmmctl::Main(args.empty() ? args : args.subspan(1));
+}

@@ -1,13 +1,14 @@
-// AddressSpace: hmmkit's view of the calling process's memory (kernel: struct mm_struct as HMM sees it).
+// AddressSpace: hmmkit's view of the calling process's memory (kernel: struct mm_struct as HMM sees
+// it).
 //
-// It answers three questions over the real address space, each with the best mechanism the kernel has
-// (KernelFeatures) and a fallback where one is correct:
+// It answers three questions over the real address space, each with the best mechanism the kernel
+// has (KernelFeatures) and a fallback where one is correct:
 //   - which VMA covers an address          PROCMAP_QUERY, else /proc/self/maps
 //   - what each page of a range is          PAGEMAP_SCAN, else /proc/self/pagemap
 //   - make pages present (CPU fault)        MADV_POPULATE_READ/WRITE
 // and it owns the interval-notifier tree and the MmMonitor that turns userfaultfd events into
-// invalidations. One AddressSpace per process at a time: the monitor's userfaultfd registrations are
-// exclusive (a second AddressSpace gets EBUSY registering the same ranges).
+// invalidations. One AddressSpace per process at a time: the monitor's userfaultfd registrations
+// are exclusive (a second AddressSpace gets EBUSY registering the same ranges).
 //
 // Everything here is a snapshot: another thread may change the mappings right after a call returns.
 // The notifier protocol (notifier.hpp) is how a caller learns that it did.
@@ -62,8 +63,9 @@ class AddressSpace {
   };
 
   // Errors: ENOTSUP (interposition asked for but not loaded; the message says how to load it), the
-  // errno of opening /proc/self/{maps,pagemap}, EINVAL for a bad granule. A missing userfaultfd is not
-  // an error: the monitor is then absent, a warning names the reason, and monitor() returns nullptr.
+  // errno of opening /proc/self/{maps,pagemap}, EINVAL for a bad granule. A missing userfaultfd is
+  // not an error: the monitor is then absent, a warning names the reason, and monitor() returns
+  // nullptr.
   static Result<std::shared_ptr<AddressSpace>> Create(const Options& options);
   static Result<std::shared_ptr<AddressSpace>> Create() { return Create(Options{}); }
   ~AddressSpace();
@@ -84,8 +86,8 @@ class AddressSpace {
   Result<std::vector<Vma>> FindVmas(uintptr_t start, uintptr_t end) const;
 
   // ---- Pages ----------------------------------------------------------------------------------
-  // Fills out[i] for page start + i * page_size. Pages outside any VMA read as 0. Nothing is faulted.
-  // Errors: EINVAL (unaligned, end <= start, out too small), I/O errors of the query.
+  // Fills out[i] for page start + i * page_size. Pages outside any VMA read as 0. Nothing is
+  // faulted. Errors: EINVAL (unaligned, end <= start, out too small), I/O errors of the query.
   Status Snapshot(uintptr_t start, uintptr_t end, std::span<PageState> out) const;
   // Same, for a range inside one VMA the caller already looked up (no VMA query).
   Status SnapshotInVma(const Vma& vma, uintptr_t start, uintptr_t end,
@@ -94,7 +96,8 @@ class AddressSpace {
   // Makes [start, end) present, writable when `write` (the CPU fault path of hmm_range_fault), with
   // one MADV_POPULATE call per contiguous range. EINTR/EAGAIN are retried.
   // Errors: EFAULT (unmapped, PROT_NONE, or the fault failed), EPERM (write to a read-only
-  // mapping), ENOTSUP (kernel without MADV_POPULATE), ENOMEM.
+  // mapping), ENOTSUP (kernel without MADV_POPULATE), ENOMEM, EINVAL (unaligned start, empty
+  // range).
   Status Populate(uintptr_t start, uintptr_t end, bool write) const;
 
   // ---- Device pages (driver/) -----------------------------------------------------------------
@@ -106,9 +109,7 @@ class AddressSpace {
       EXCLUDES(providers_mu_);
   // Calls MigrateToRam on the provider(s) owning pages in [start, end).
   Status MigrateDevicePagesToRam(uintptr_t start, uintptr_t end) EXCLUDES(providers_mu_);
-  bool has_device_pages() const {
-    return provider_count_.load(std::memory_order_acquire) != 0;
-  }
+  bool has_device_pages() const { return provider_count_.load(std::memory_order_acquire) != 0; }
 
   // Forks seen so far (pthread_atfork in either process, userfaultfd FORK events).
   static uint64_t fork_generation();

@@ -2,15 +2,16 @@
 // userfaultfd page faults to the handlers that own the faulting range.
 //
 // One userfaultfd per AddressSpace. Mirrored ranges are registered in aligned granules (Options::
-// granule, 2 MiB by default) so that registrations merge instead of splitting VMAs into thousands
-// (vm.max_map_count). Registration uses write-protect mode where the kernel has it, so that ordinary
-// first-touch faults never reach the monitor; MISSING mode is added only where a handler asks for it.
+// granule, 2 MiB by default), clipped to the mirrored VMAs, so that registrations merge instead of
+// splitting VMAs into thousands (vm.max_map_count). Registration uses write-protect mode where the
+// kernel has it, so that ordinary first-touch faults never reach the monitor; MISSING mode is added
+// only where a handler asks for it.
 //
 // Threads (all owned by the monitor, started by Start, joined by the destructor):
 //   reader   reads userfaultfd messages as soon as they arrive and queues them. It takes only the
-//            monitor's queue lock (held for nanoseconds, never across a callback), so a thread blocked
-//            in munmap/madvise/mremap/fork waiting for its event to be read is released at once,
-//            whatever locks that thread holds. It never calls application code.
+//            monitor's queue lock (held for nanoseconds, never across a callback), so a thread
+//            blocked in munmap/madvise/mremap/fork waiting for its event to be read is released at
+//            once, whatever locks that thread holds. It never calls application code.
 //   events   runs the invalidations (NotifierTree::Invalidate) for UNMAP, REMOVE and REMAP events,
 //            in the order the kernel delivered them. Callbacks run here and may block.
 //   faults   runs FaultHandler::HandleFault for MISSING and WP faults. A fault with no handler is
@@ -21,7 +22,8 @@
 //   UFFD_EVENT_REMOVE [MADV_DONTNEED/REMOVE, before]   kClear, unless it is one of hmmkit's own
 //                                                      removals announced with ExpectRemove
 //   UFFD_EVENT_REMAP  [mremap, after]                  kUnmap over the old range
-//   UFFD_EVENT_FORK   [fork]                           no invalidation; counted, child's uffd closed
+//   UFFD_EVENT_FORK   [fork]                           no invalidation; counted, child's uffd
+//   closed
 // What userfaultfd cannot see (mprotect, regular file mappings, ranges registered on another
 // userfaultfd) is listed in docs/architecture.md; interposition covers the first two.
 #pragma once
@@ -59,10 +61,10 @@ class FaultHandler {
  public:
   virtual ~FaultHandler() = default;
   // Required. Must resolve the fault before returning, with MmMonitor::Copy/ZeroPage/WriteProtect/
-  // Move/Wake (the faulting thread sleeps until then). Context: the monitor's fault thread; no hmmkit
-  // lock held; may block on driver locks, but must never touch mirrored CPU memory that could fault
-  // into this same thread. Returns an error only when it could not resolve: the monitor then wakes
-  // the thread with the page left as the kernel has it and logs the error.
+  // Move/Wake (the faulting thread sleeps until then). Context: the monitor's fault thread; no
+  // hmmkit lock held; may block on driver locks, but must never touch mirrored CPU memory that
+  // could fault into this same thread. Returns an error only when it could not resolve: the monitor
+  // then wakes the thread with the page left as the kernel has it and logs the error.
   virtual Status HandleFault(MmMonitor& monitor, const CpuFault& fault) = 0;
 };
 
@@ -76,13 +78,13 @@ class MmMonitor {
     uint64_t events_fork = 0;
     uint64_t faults = 0;
     uint64_t faults_unhandled = 0;
-    uint64_t registrations = 0;        // successful UFFDIO_REGISTER calls
+    uint64_t registrations = 0;  // successful UFFDIO_REGISTER calls
     uint64_t registration_failures = 0;
-    uint64_t interposed = 0;           // synchronous notifications from interposition
+    uint64_t interposed = 0;  // synchronous notifications from interposition
   };
 
-  // Opens a userfaultfd the best way the kernel allows and handshakes the features the monitor uses.
-  // Errors: ENOTSUP with the reason when no userfaultfd can be opened.
+  // Opens a userfaultfd the best way the kernel allows and handshakes the features the monitor
+  // uses. Errors: ENOTSUP with the reason when no userfaultfd can be opened.
   static Result<std::unique_ptr<MmMonitor>> Create(AddressSpace& as);
   ~MmMonitor();  // stops and joins the threads, closes the descriptor
   MmMonitor(const MmMonitor&) = delete;
@@ -92,11 +94,12 @@ class MmMonitor {
   int fd() const { return uffd_; }
   uint64_t features() const { return features_; }
 
-  // Makes sure every registrable VMA in [start, end) (expanded to the granule) is registered, so its
-  // changes raise invalidations. Called by range_fault before it snapshots. Cheap when already done.
-  // Regular-file and special VMAs are skipped: not an error (see "what the monitor cannot see").
-  // Errors: only unexpected registration failures (EBUSY: the range is registered on another
-  // userfaultfd; ENOMEM: vm.max_map_count reached).
+  // Makes sure every registrable VMA intersecting [start, end) is registered, expanded to the
+  // granule but never past that VMA (a neighbour in the same granule belongs to someone else: a
+  // malloc arena, a thread stack), so its changes raise invalidations. Called by range_fault before
+  // it snapshots. Cheap when already done. Regular-file and special VMAs are skipped: not an error
+  // (see "what the monitor cannot see"). Errors: only unexpected registration failures (EBUSY: the
+  // range is registered on another userfaultfd; ENOMEM: vm.max_map_count reached).
   Status EnsureWatched(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
   // True when every page of [start, end) lies in a registered range.
   bool IsWatched(uintptr_t start, uintptr_t end) const EXCLUDES(reg_mu_);
@@ -108,8 +111,9 @@ class MmMonitor {
   // Removes the routing; after return the handler is not running and will not be called.
   void RemoveFaultHandler(FaultHandler& handler) EXCLUDES(reg_mu_);
 
-  // Announces that hmmkit itself is about to MADV_DONTNEED [start, end) (after raising kMigrate), so
-  // that the REMOVE event it causes is not reported again as kClear. Returns a token for EndExpect.
+  // Announces that hmmkit itself is about to MADV_DONTNEED [start, end) (after raising kMigrate),
+  // so that the REMOVE event it causes is not reported again as kClear. Returns a token for
+  // EndExpect.
   uint64_t ExpectRemove(uintptr_t start, uintptr_t end) EXCLUDES(queue_mu_);
   void EndExpect(uint64_t token) EXCLUDES(queue_mu_);
 
