@@ -5,11 +5,13 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/address_space.hpp"
@@ -125,9 +127,57 @@ std::vector<std::pair<uintptr_t, uintptr_t>> IntervalGaps(const IntervalMap& m, 
 
 struct MmMonitor::Message {
   enum class Kind : uint8_t { kUffd, kBarrier } kind = Kind::kUffd;
-  uffd_msg msg{};
+  alignas(8) uffd_msg msg{};  // the uAPI struct is packed: keep its u64 fields aligned
   bool done = false;  // barrier: set by the event thread; guarded by queue_mu_
+  Message* next = nullptr;
 };
+
+void MmMonitor::MessageQueue::Push(Message* m) {
+  m->next = nullptr;
+  if (tail)
+    tail->next = m;
+  else
+    head = m;
+  tail = m;
+}
+
+MmMonitor::Message* MmMonitor::MessageQueue::Pop() {
+  Message* m = head;
+  if (m) {
+    head = m->next;
+    if (!head) tail = nullptr;
+  }
+  return m;
+}
+
+namespace {
+constexpr size_t kSlabBytes = 64 << 10;
+}
+
+// Takes a node from the pool, growing it with mmap (never malloc: see MessageQueue).
+MmMonitor::Message* MmMonitor::AllocMessageLocked() {
+  if (!free_messages_) {
+    void* slab =
+        ::mmap(nullptr, kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (slab == MAP_FAILED) return nullptr;
+    *static_cast<void**>(slab) = slabs_;
+    slabs_ = slab;
+    auto* first = reinterpret_cast<Message*>(
+        static_cast<char*>(slab) +
+        alignof(Message) * ((sizeof(void*) + alignof(Message) - 1) / alignof(Message)));
+    auto* end = reinterpret_cast<Message*>(static_cast<char*>(slab) + kSlabBytes);
+    for (Message* m = first; m + 1 <= end; ++m) FreeMessageLocked(new (m) Message());
+  }
+  Message* m = free_messages_;
+  free_messages_ = m->next;
+  *m = Message();
+  return m;
+}
+
+void MmMonitor::FreeMessageLocked(Message* m) {
+  m->next = free_messages_;
+  free_messages_ = m;
+}
 
 MmMonitor::MmMonitor(AddressSpace& as) : as_(as) {}
 
@@ -215,6 +265,12 @@ MmMonitor::~MmMonitor() {
   // Closing the userfaultfd wakes any thread still waiting on a fault; the kernel then handles it.
   if (uffd_ >= 0) ::close(uffd_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
+  MutexLock lock(queue_mu_);
+  while (slabs_) {
+    void* next = *static_cast<void**>(slabs_);
+    ::munmap(slabs_, kSlabBytes);
+    slabs_ = next;
+  }
 }
 
 // ---- registration ------------------------------------------------------------------------------
@@ -231,7 +287,11 @@ Status MmMonitor::EnsureWatched(uintptr_t start, uintptr_t end) {
   auto vmas = as_.FindVmas(start, end);
   if (!vmas.ok()) return vmas.status();
   for (const Vma& vma : *vmas) {
-    if (!vma.registrable()) continue;
+    if (!vma.registrable()) {
+      Log().debug("monitor: {:#x}-{:#x} ({}) cannot be registered with userfaultfd: not watched",
+                  vma.start, vma.end, ToString(vma.kind));
+      continue;
+    }
     uintptr_t s = std::max(vma.start, gstart), e = std::min(vma.end, gend);
     if (vma.kind == VmaKind::kHugetlb) {
       s = std::max(vma.start, AlignDown(s, vma.page_size));
@@ -240,7 +300,7 @@ Status MmMonitor::EnsureWatched(uintptr_t start, uintptr_t end) {
     for (auto [gs, ge] : IntervalGaps(registered_, s, e)) {
       Status st = RegisterLocked(gs, ge, /*missing=*/false);
       if (st.errno_value() == ENOMEM) return st;  // vm.max_map_count: the caller must know
-      if (!st.ok() && (gs < end && ge > start)) {
+      if (!st.ok() && gs < end && ge > start && warned_.insert(gs).second) {
         Log().warn("monitor: range {:#x}-{:#x} ({}) is not watched: {}", gs, ge, ToString(vma.kind),
                    st.ToString());
       }
@@ -326,9 +386,21 @@ void MmMonitor::EndExpect(uint64_t token) {
 
 // ---- threads -----------------------------------------------------------------------------------
 
+// A pool node holding `m`, or nullptr (logged) when even mmap fails: the event is then lost, which
+// only costs a missed invalidation, never a hang (the kernel already counts the event as read).
+MmMonitor::Message* MmMonitor::QueueLocked(const uffd_msg& m) {
+  Message* q = AllocMessageLocked();
+  if (!q) {
+    Log().error("monitor: out of memory for userfaultfd event {}: dropped", int(m.event));
+    return nullptr;
+  }
+  q->msg = m;
+  return q;
+}
+
 void MmMonitor::ReaderLoop() {
   pollfd fds[2] = {{uffd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
-  uffd_msg msgs[32];
+  alignas(8) uffd_msg msgs[32];
   for (;;) {
     int n = ::poll(fds, 2, -1);
     if (n < 0) {
@@ -358,9 +430,11 @@ void MmMonitor::ReaderLoop() {
           MutexLock slock(stats_mu_);
           switch (m.event) {
             case UFFD_EVENT_PAGEFAULT:
-              faults_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              if (Message* q = QueueLocked(m)) {
+                faults_.Push(q);
+                queued_fault = true;
+              }
               stats_.faults++;
-              queued_fault = true;
               break;
             case UFFD_EVENT_FORK:
               // The child's userfaultfd arrives in our fd table; closing it drops the child's
@@ -379,18 +453,18 @@ void MmMonitor::ReaderLoop() {
                 break;
               }
               stats_.events_remove++;
-              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
             }
             case UFFD_EVENT_UNMAP:
               stats_.events_unmap++;
-              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
             case UFFD_EVENT_REMAP:
               stats_.events_remap++;
-              events_.push_back(std::make_shared<Message>(Message{Message::Kind::kUffd, m, false}));
+              if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
             default:
@@ -406,21 +480,21 @@ void MmMonitor::ReaderLoop() {
 void MmMonitor::EventLoop() {
   NotifierTree& tree = as_.notifiers();
   for (;;) {
-    std::shared_ptr<Message> msg;
+    alignas(8) uffd_msg m;
     {
       MutexLock lock(queue_mu_);
       queue_cv_.Wait(queue_mu_,
                      [&]() REQUIRES(queue_mu_) { return stopping_ || !events_.empty(); });
       if (events_.empty()) return;  // stopping with nothing left
-      msg = std::move(events_.front());
-      events_.pop_front();
+      Message* msg = events_.Pop();
       if (msg->kind == Message::Kind::kBarrier) {
-        msg->done = true;
+        msg->done = true;  // the barrier lives on the Sync caller's stack
         queue_cv_.NotifyAll();
         continue;
       }
+      m = msg->msg;
+      FreeMessageLocked(msg);
     }
-    const uffd_msg& m = msg->msg;
     switch (m.event) {
       case UFFD_EVENT_UNMAP:
         ForgetRegistered(m.arg.remove.start, m.arg.remove.end);
@@ -451,16 +525,17 @@ void MmMonitor::EventLoop() {
 void MmMonitor::FaultLoop() {
   const uintptr_t page = as_.features().page_size;
   for (;;) {
-    std::shared_ptr<Message> msg;
+    alignas(8) uffd_msg msg;
     {
       MutexLock lock(queue_mu_);
       queue_cv_.Wait(queue_mu_,
                      [&]() REQUIRES(queue_mu_) { return stopping_ || !faults_.empty(); });
       if (stopping_) return;  // closing the userfaultfd releases the waiting threads
-      msg = std::move(faults_.front());
-      faults_.pop_front();
+      Message* q = faults_.Pop();
+      msg = q->msg;
+      FreeMessageLocked(q);
     }
-    const auto& pf = msg->msg.arg.pagefault;
+    const auto& pf = msg.arg.pagefault;
     CpuFault fault;
     fault.address = uintptr_t(pf.address);
     fault.write = (pf.flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0;
@@ -499,13 +574,16 @@ void MmMonitor::FaultLoop() {
 }
 
 void MmMonitor::Sync() {
-  auto barrier = std::make_shared<Message>();
-  barrier->kind = Message::Kind::kBarrier;
+  // On the event thread the barrier would wait behind the callback that is waiting for it.
+  if (std::this_thread::get_id() == event_thread_.get_id()) return;
+  Message barrier;
+  barrier.kind = Message::Kind::kBarrier;
   MutexLock lock(queue_mu_);
   if (stopping_) return;
-  events_.push_back(barrier);
+  events_.Push(&barrier);
   queue_cv_.NotifyAll();
-  queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return barrier->done || stopping_; });
+  // Not woken by stopping_: the event thread drains the queue (and this barrier) before it exits.
+  queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return barrier.done; });
 }
 
 // ---- interposition -----------------------------------------------------------------------------

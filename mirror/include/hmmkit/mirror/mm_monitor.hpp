@@ -33,15 +33,17 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <memory>
+#include <set>
 #include <thread>
 #include <vector>
 
 #include "hmmkit/base/mutex.hpp"
 #include "hmmkit/base/status.hpp"
 #include "hmmkit/mirror/kernel_features.hpp"
+
+struct uffd_msg;
 
 namespace hmmkit {
 
@@ -118,7 +120,7 @@ class MmMonitor {
   void EndExpect(uint64_t token) EXCLUDES(queue_mu_);
 
   // Waits until every event of an operation that returned before this call has been dispatched
-  // (its invalidations have run). Not callable from a callback running on the events thread.
+  // (its invalidations have run). Called from a callback on the event thread it returns at once.
   void Sync() EXCLUDES(queue_mu_);
 
   // ---- Resolving faults (FaultHandler) and driving migrations (driver/) -----------------------
@@ -147,6 +149,19 @@ class MmMonitor {
   void ForgetRegistered(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
 
   struct Message;  // a queued userfaultfd message or a Sync barrier
+  // Intrusive FIFO of messages; nodes come from the monitor's mmap-backed pool, so the reader
+  // never calls malloc (glibc may trim an arena with MADV_DONTNEED while holding its lock: a
+  // reader blocked on that lock could never read the event the trimming thread waits for).
+  struct MessageQueue {
+    Message* head = nullptr;
+    Message* tail = nullptr;
+    bool empty() const { return head == nullptr; }
+    void Push(Message* m);
+    Message* Pop();
+  };
+  Message* AllocMessageLocked() REQUIRES(queue_mu_);
+  Message* QueueLocked(const ::uffd_msg& m) REQUIRES(queue_mu_);
+  void FreeMessageLocked(Message* m) REQUIRES(queue_mu_);
 
   AddressSpace& as_;
   int uffd_ = -1;
@@ -159,6 +174,7 @@ class MmMonitor {
   // Registration state. Order: reg_mu_ before queue_mu_; neither is held across a callback.
   mutable Mutex reg_mu_;
   std::map<uintptr_t, uintptr_t> registered_ GUARDED_BY(reg_mu_);  // start -> end, merged
+  std::set<uintptr_t> warned_ GUARDED_BY(reg_mu_);  // ranges already reported as not watchable
   struct HandlerRange {
     uintptr_t start;
     uintptr_t end;
@@ -171,8 +187,10 @@ class MmMonitor {
   // Queues between the reader and the dispatch threads.
   mutable Mutex queue_mu_ ACQUIRED_AFTER(reg_mu_);
   CondVar queue_cv_;
-  std::deque<std::shared_ptr<Message>> events_ GUARDED_BY(queue_mu_);
-  std::deque<std::shared_ptr<Message>> faults_ GUARDED_BY(queue_mu_);
+  MessageQueue events_ GUARDED_BY(queue_mu_);
+  MessageQueue faults_ GUARDED_BY(queue_mu_);
+  Message* free_messages_ GUARDED_BY(queue_mu_) = nullptr;
+  void* slabs_ GUARDED_BY(queue_mu_) = nullptr;  // mmap'ed slabs, linked through their first word
   struct Expect {
     uint64_t token;
     uintptr_t start;
