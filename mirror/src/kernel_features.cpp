@@ -16,6 +16,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdlib>
@@ -90,11 +91,11 @@ long RetryEintr(F&& f) {
 constexpr std::array<std::string_view, 6> kDisableNames = {
     "pagemap_scan", "procmap_query", "madv_populate", "uffdio_move", "uffd_wp", "dev_userfaultfd"};
 
-// The known names listed in HMMKIT_DISABLE (comma separated, blanks around names ignored).
-std::set<std::string> ParseDisable() {
-  std::set<std::string> out;
+// Splits HMMKIT_DISABLE (comma separated, blanks around names ignored) into the known names, which
+// are honoured, and the unknown ones, which are reported.
+void ParseDisable(std::set<std::string>* known_out, std::vector<std::string>* unknown_out) {
   const char* env = std::getenv("HMMKIT_DISABLE");
-  if (!env) return out;
+  if (!env) return;
   std::string_view rest(env);
   while (!rest.empty()) {
     size_t comma = rest.find(',');
@@ -102,11 +103,12 @@ std::set<std::string> ParseDisable() {
     rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
     while (!name.empty() && (name.front() == ' ' || name.front() == '\t')) name.remove_prefix(1);
     while (!name.empty() && (name.back() == ' ' || name.back() == '\t')) name.remove_suffix(1);
-    for (std::string_view known : kDisableNames) {
-      if (name == known) out.emplace(name);
-    }
+    if (name.empty()) continue;
+    if (std::find(kDisableNames.begin(), kDisableNames.end(), name) != kDisableNames.end())
+      known_out->emplace(name);
+    else
+      unknown_out->emplace_back(name);
   }
-  return out;
 }
 
 // ---- userfaultfd
@@ -359,7 +361,7 @@ const char* ToString(ThpMode mode) {
 KernelFeatures KernelFeatures::Probe() {
   KernelFeatures f;
   const int saved_errno = errno;
-  f.disabled = ParseDisable();
+  ParseDisable(&f.disabled, &f.disabled_unknown);
   auto off = [&f](const char* name) { return f.disabled.count(name) != 0; };
 
   struct utsname u {};

@@ -19,23 +19,6 @@ namespace {
 constexpr const char* kKnownDisable =
     "pagemap_scan, procmap_query, madv_populate, uffdio_move, uffd_wp, dev_userfaultfd";
 
-// Names in HMMKIT_DISABLE that the probe did not honour.
-std::vector<std::string> UnknownDisabled(const KernelFeatures& f) {
-  std::vector<std::string> unknown;
-  const char* env = std::getenv("HMMKIT_DISABLE");
-  if (!env) return unknown;
-  std::string_view rest(env);
-  while (!rest.empty()) {
-    size_t comma = rest.find(',');
-    std::string_view name = rest.substr(0, comma);
-    rest = comma == std::string_view::npos ? std::string_view() : rest.substr(comma + 1);
-    while (!name.empty() && (name.front() == ' ' || name.front() == '\t')) name.remove_prefix(1);
-    while (!name.empty() && (name.back() == ' ' || name.back() == '\t')) name.remove_suffix(1);
-    if (!name.empty() && !f.disabled.count(std::string(name))) unknown.emplace_back(name);
-  }
-  return unknown;
-}
-
 std::string Hex(uint64_t v) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
@@ -150,7 +133,7 @@ void PrintText(const KernelFeatures& f) {
   std::string disabled;
   for (const std::string& name : f.disabled) disabled += (disabled.empty() ? "" : ", ") + name;
   Line("\nDisabled by HMMKIT_DISABLE: " + (disabled.empty() ? std::string("none") : disabled));
-  for (const std::string& name : UnknownDisabled(f)) {
+  for (const std::string& name : f.disabled_unknown) {
     Line("HMMKIT_DISABLE: unknown name '" + name + "' ignored (known: " + kKnownDisable + ")");
   }
 }
@@ -268,7 +251,7 @@ void PrintJson(const KernelFeatures& f) {
       .Int("hugetlb_free", f.hugetlb_free)
       .Raw("mechanisms", mechanisms)
       .Raw("disabled", JsonStringArray({f.disabled.begin(), f.disabled.end()}))
-      .Raw("disabled_unknown", JsonStringArray(UnknownDisabled(f)));
+      .Raw("disabled_unknown", JsonStringArray(f.disabled_unknown));
   std::printf("%s\n", root.Done().c_str());
 }
 
