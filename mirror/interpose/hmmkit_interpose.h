@@ -1,13 +1,15 @@
-/* libhmmkit_interpose: opt-in interposition of munmap, mremap, madvise, mprotect and mmap(MAP_FIXED).
+/* libhmmkit_interpose: opt-in interposition of munmap, mremap, madvise, mprotect and
+ * mmap(MAP_FIXED).
  *
- * Linked into an executable (hmmkit::interpose) or preloaded (LD_PRELOAD=libhmmkit_interpose.so), the
- * library defines those symbols, calls the registered hooks on the calling thread BEFORE the change,
- * then makes the system call itself. With no hook registered the wrappers cost one atomic load.
+ * Linked into an executable (hmmkit::interpose) or preloaded (LD_PRELOAD=libhmmkit_interpose.so),
+ * the library defines those symbols, calls the registered hooks on the calling thread BEFORE the
+ * change, then makes the system call itself. With no hook registered the wrappers cost one atomic
+ * load.
  *
- * Hooks run on the application thread that changes its mappings, with whatever locks it holds; a hook
- * must not call the interposed functions (nested calls on the same thread skip the hooks). Calls that
- * glibc makes internally (malloc's own munmap) do not go through these symbols; userfaultfd events
- * still cover them for registered ranges.
+ * Hooks run on the application thread that changes its mappings, with whatever locks it holds; a
+ * hook must not call the interposed functions (nested calls on the same thread skip the hooks).
+ * Calls that glibc makes internally (malloc's own munmap) do not go through these symbols;
+ * userfaultfd events still cover them for registered ranges.
  */
 #ifndef HMMKIT_INTERPOSE_H
 #define HMMKIT_INTERPOSE_H
@@ -19,7 +21,8 @@ extern "C" {
 #endif
 
 enum hmmkit_interpose_kind {
-  HMMKIT_INTERPOSE_UNMAP = 0,   /* munmap, mremap (old range, and new range with MREMAP_FIXED), mmap MAP_FIXED */
+  HMMKIT_INTERPOSE_UNMAP =
+      0, /* munmap, mremap (old range, and new range with MREMAP_FIXED), mmap MAP_FIXED */
   HMMKIT_INTERPOSE_CLEAR = 1,   /* madvise DONTNEED, DONTNEED_LOCKED, FREE, REMOVE, PAGEOUT */
   HMMKIT_INTERPOSE_PROTECT = 2, /* mprotect */
 };

@@ -74,7 +74,8 @@ int munmap(void* addr, size_t len) noexcept {
 }
 
 void* mmap(void* addr, size_t len, int prot, int flags, int fd, off_t offset) noexcept {
-  if ((flags & MAP_FIXED) && !(flags & MAP_FIXED_NOREPLACE)) Notify(addr, len, HMMKIT_INTERPOSE_UNMAP);
+  if ((flags & MAP_FIXED) && !(flags & MAP_FIXED_NOREPLACE))
+    Notify(addr, len, HMMKIT_INTERPOSE_UNMAP);
   return reinterpret_cast<void*>(syscall(SYS_mmap, addr, len, prot, flags, fd, offset));
 }
 
@@ -92,7 +93,8 @@ void* mremap(void* old_addr, size_t old_size, size_t new_size, int flags, ...) n
     Notify(new_addr, new_size, HMMKIT_INTERPOSE_UNMAP);
   }
   Notify(old_addr, old_size, HMMKIT_INTERPOSE_UNMAP);
-  return reinterpret_cast<void*>(syscall(SYS_mremap, old_addr, old_size, new_size, flags, new_addr));
+  return reinterpret_cast<void*>(
+      syscall(SYS_mremap, old_addr, old_size, new_size, flags, new_addr));
 }
 
 int madvise(void* addr, size_t len, int advice) noexcept {

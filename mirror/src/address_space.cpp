@@ -21,7 +21,9 @@ namespace {
 
 std::atomic<uint64_t> g_fork_generation{0};
 
-void AtForkBump() { g_fork_generation.fetch_add(1, std::memory_order_relaxed); }
+void AtForkBump() {
+  g_fork_generation.fetch_add(1, std::memory_order_relaxed);
+}
 
 // Registered once per process: both sides of a fork now share COW pages (not exclusive).
 [[maybe_unused]] const bool g_atfork_registered = [] {
@@ -35,12 +37,18 @@ bool EnvTrue(const char* name) {
                std::string_view(v) == "yes");
 }
 
-int OpenProc(const char* path, int flags) { return ::open(path, flags | O_CLOEXEC); }
+int OpenProc(const char* path, int flags) {
+  return ::open(path, flags | O_CLOEXEC);
+}
 
 }  // namespace
 
-uint64_t AddressSpace::fork_generation() { return g_fork_generation.load(std::memory_order_relaxed); }
-void AddressSpace::NoteFork() { AtForkBump(); }
+uint64_t AddressSpace::fork_generation() {
+  return g_fork_generation.load(std::memory_order_relaxed);
+}
+void AddressSpace::NoteFork() {
+  AtForkBump();
+}
 
 AddressSpace::AddressSpace(const Options& options)
     : options_(options),
@@ -72,17 +80,20 @@ Status AddressSpace::Open() {
     if (monitor.ok()) {
       monitor_ = std::move(*monitor);
     } else {
-      Log().warn("no userfaultfd monitor ({}): CPU-side unmaps and faults are not seen; "
-                 "device mappings can go stale. See `hmmctl info`.",
-                 monitor.status().ToString());
+      Log().warn(
+          "no userfaultfd monitor ({}): CPU-side unmaps and faults are not seen; "
+          "device mappings can go stale. See `hmmctl info`.",
+          monitor.status().ToString());
     }
   }
   if (options_.interpose) {
     if (!monitor_) {
-      return Status::FromErrno(ENOTSUP, "interposition needs the userfaultfd monitor, which failed");
+      return Status::FromErrno(ENOTSUP,
+                               "interposition needs the userfaultfd monitor, which failed");
     }
     HMMKIT_RETURN_IF_ERROR(InterposeAttach(*monitor_));
-    Log().info("interposition on: munmap/mremap/madvise/mprotect/mmap(MAP_FIXED) notify synchronously");
+    Log().info(
+        "interposition on: munmap/mremap/madvise/mprotect/mmap(MAP_FIXED) notify synchronously");
   }
   return Status::Ok();
 }

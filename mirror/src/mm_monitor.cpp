@@ -128,7 +128,7 @@ std::vector<std::pair<uintptr_t, uintptr_t>> IntervalGaps(const IntervalMap& m, 
 struct MmMonitor::Message {
   enum class Kind : uint8_t { kUffd, kBarrier } kind = Kind::kUffd;
   alignas(8) uffd_msg msg{};  // the uAPI struct is packed: keep its u64 fields aligned
-  bool done = false;  // barrier: set by the event thread; guarded by queue_mu_
+  bool done = false;          // barrier: set by the event thread; guarded by queue_mu_
   Message* next = nullptr;
 };
 

@@ -93,8 +93,8 @@ Scratch& ThreadScratch() {
 }
 
 Status NoVmaError(uintptr_t addr, const char* why) {
-  return Status::FromErrno(EFAULT, fmt::format("range_fault: page {:#x} must be faulted but {}",
-                                               addr, why));
+  return Status::FromErrno(
+      EFAULT, fmt::format("range_fault: page {:#x} must be faulted but {}", addr, why));
 }
 
 // Handles [s, e) outside any usable VMA: kError entries, or EFAULT if a fault was asked for.
@@ -122,8 +122,9 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
       uint64_t req = RequestOf(r, first + i);
       if ((req & hmm_pfn::kReqFault) && (req & hmm_pfn::kReqWrite))
         return Status::FromErrno(
-            EPERM, fmt::format("range_fault: write requested at {:#x} in a read-only mapping {:#x}-{:#x}",
-                               s + i * page, vma.start, vma.end));
+            EPERM,
+            fmt::format("range_fault: write requested at {:#x} in a read-only mapping {:#x}-{:#x}",
+                        s + i * page, vma.start, vma.end));
     }
   }
 
@@ -138,10 +139,10 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
     bool any_need = false;
     for (size_t i = 0; i < n; ++i) {
       const uint64_t req = RequestOf(r, first + i);
-      Decision d = devices && scratch.devices[i].kind != PageKind::kSystem
-                       ? DecideDevice(vma, scratch.states[i], scratch.devices[i], req,
-                                      r.dev_private_owner)
-                       : DecideSystem(vma, scratch.states[i], req);
+      Decision d =
+          devices && scratch.devices[i].kind != PageKind::kSystem
+              ? DecideDevice(vma, scratch.states[i], scratch.devices[i], req, r.dev_private_owner)
+              : DecideSystem(vma, scratch.states[i], req);
       r.hmm_pfns[first + i] = d.entry;
       scratch.needs[i] = d.need;
       any_need |= d.need != Need::kNone;
@@ -169,7 +170,8 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
     if (r.notifier->CheckRetry(r.notifier_seq))
       return Status::FromErrno(EBUSY, "range_fault: invalidated while faulting");
   }
-  return Status::FromErrno(EBUSY, fmt::format("range_fault: pages in {:#x}-{:#x} did not settle", s, e));
+  return Status::FromErrno(EBUSY,
+                           fmt::format("range_fault: pages in {:#x}-{:#x} did not settle", s, e));
 }
 
 }  // namespace
@@ -178,7 +180,8 @@ Status RangeFault(AddressSpace& as, Range& r) {
   const size_t page = as.features().page_size;
   if (r.notifier == nullptr) return Status::FromErrno(EINVAL, "range_fault: no notifier");
   if ((r.start | r.end) & (page - 1) || r.end <= r.start)
-    return Status::FromErrno(EINVAL, fmt::format("range_fault: bad range {:#x}-{:#x}", r.start, r.end));
+    return Status::FromErrno(EINVAL,
+                             fmt::format("range_fault: bad range {:#x}-{:#x}", r.start, r.end));
   if (r.hmm_pfns.size() < (r.end - r.start) / page)
     return Status::FromErrno(EINVAL, "range_fault: hmm_pfns shorter than the range");
   if (r.notifier->CheckRetry(r.notifier_seq))
@@ -224,9 +227,10 @@ void RequestSaver::Restore(Range& range) const {
 
 Status RetryTimedOut(const Range& range, std::chrono::milliseconds timeout, unsigned attempts) {
   return Status::FromErrno(
-      ETIMEDOUT, fmt::format("range_fault retry loop over {:#x}-{:#x}: still invalidated after {} ms "
-                             "and {} attempts",
-                             range.start, range.end, timeout.count(), attempts));
+      ETIMEDOUT,
+      fmt::format("range_fault retry loop over {:#x}-{:#x}: still invalidated after {} ms "
+                  "and {} attempts",
+                  range.start, range.end, timeout.count(), attempts));
 }
 
 }  // namespace detail

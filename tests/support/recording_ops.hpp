@@ -13,7 +13,14 @@ namespace hmmkit::test {
 class RecordingOps : public IntervalNotifierOps {
  public:
   void Invalidate(IntervalNotifier& sub, const NotifierRange& range, uint64_t cur_seq) override {
-    if (before_) before_(range);
+    std::function<void(const NotifierRange&)> before;
+    {
+      // Published under the lock: the kernel orders "set hook, then munmap" before the monitor
+      // reads the event, but ThreadSanitizer cannot see that ordering.
+      MutexLock lock(mu_);
+      before = before_;
+    }
+    if (before) before(range);
     MutexLock lock(mu_);
     sub.SetSeq(cur_seq);
     seen_.push_back(range);
@@ -27,13 +34,16 @@ class RecordingOps : public IntervalNotifierOps {
     seen_.clear();
   }
   // Runs at the start of each Invalidate, without the lock (to block, probe, ...).
-  void set_before(std::function<void(const NotifierRange&)> f) { before_ = std::move(f); }
+  void set_before(std::function<void(const NotifierRange&)> f) {
+    MutexLock lock(mu_);
+    before_ = std::move(f);
+  }
   Mutex& driver_lock() { return mu_; }
 
  private:
   mutable Mutex mu_;
   std::vector<NotifierRange> seen_ GUARDED_BY(mu_);
-  std::function<void(const NotifierRange&)> before_;
+  std::function<void(const NotifierRange&)> before_ GUARDED_BY(mu_);
 };
 
 }  // namespace hmmkit::test

@@ -23,7 +23,8 @@ Mapping Mapping::AlignedAnon(size_t len, size_t align, int prot) {
   Mapping raw(len + align, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE);
   uintptr_t start = (raw.addr() + align - 1) & ~(uintptr_t(align) - 1);
   if (start > raw.addr()) munmap(raw.data(), start - raw.addr());
-  if (raw.end() > start + len) munmap(reinterpret_cast<void*>(start + len), raw.end() - start - len);
+  if (raw.end() > start + len)
+    munmap(reinterpret_cast<void*>(start + len), raw.end() - start - len);
   raw.Release();
   void* p = mmap(reinterpret_cast<void*>(start), len, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
                  -1, 0);
@@ -113,6 +114,32 @@ std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options) {
 bool FallbackRun() {
   const char* d = getenv("HMMKIT_DISABLE");
   return d && *d;
+}
+
+namespace {
+#if defined(__SANITIZE_THREAD__)
+constexpr bool kTsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+constexpr bool kTsan = true;
+#else
+constexpr bool kTsan = false;
+#endif
+#else
+constexpr bool kTsan = false;
+#endif
+}  // namespace
+
+const char* InterpositionUnavailableReason() {
+  return kTsan ? "ThreadSanitizer interposes munmap/mprotect itself; libhmmkit_interpose cannot "
+                 "come first"
+               : nullptr;
+}
+
+const char* ForkWithMonitorUnavailableReason() {
+  return kTsan ? "ThreadSanitizer holds its runtime locks across fork(), which waits for the "
+                 "monitor to read UFFD_EVENT_FORK; covered by the gcc, clang and asan lanes"
+               : nullptr;
 }
 
 bool ThpAvailable() {

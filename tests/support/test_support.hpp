@@ -15,7 +15,9 @@
 
 namespace hmmkit::test {
 
-inline size_t PageSize() { return size_t(sysconf(_SC_PAGESIZE)); }
+inline size_t PageSize() {
+  return size_t(sysconf(_SC_PAGESIZE));
+}
 inline constexpr size_t kMiB = 1u << 20;
 
 // An mmap'ed region that is unmapped on destruction (unless released or already unmapped).
@@ -40,7 +42,10 @@ class Mapping {
   size_t size() const { return len_; }
   char* page(size_t i) const { return data() + i * PageSize(); }
   // Forget the mapping (the test unmapped it itself).
-  void Release() { addr_ = nullptr; len_ = 0; }
+  void Release() {
+    addr_ = nullptr;
+    len_ = 0;
+  }
   // munmap now.
   void Unmap();
 
@@ -67,6 +72,16 @@ std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options = {
 
 // True when the fallbacks are forced for this run (HMMKIT_DISABLE set by ctest's fallback.* tests).
 bool FallbackRun();
+
+// Why interposition cannot work in this build, or nullptr. ThreadSanitizer's runtime defines munmap
+// and friends in the executable itself, ahead of libhmmkit_interpose (hmmkit then refuses with
+// ENOTSUP, as it must).
+const char* InterpositionUnavailableReason();
+
+// Why a fork() with a running monitor cannot be tested in this build, or nullptr. fork() waits in
+// the kernel until the monitor reads UFFD_EVENT_FORK; ThreadSanitizer holds its runtime locks
+// across fork(), and the monitor's reader needs them for its first instrumented lock.
+const char* ForkWithMonitorUnavailableReason();
 
 // True when THP can be obtained with MADV_HUGEPAGE (mode always or madvise).
 bool ThpAvailable();

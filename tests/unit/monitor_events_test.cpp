@@ -142,9 +142,10 @@ TEST_F(MonitorEvents, MprotectIsNotSeenWithoutInterposition) {
 }
 
 TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChange) {
+  if (const char* why = InterpositionUnavailableReason()) GTEST_SKIP() << why;
   AddressSpace::Options o;
   o.interpose = true;
-  Create(o);
+  ASSERT_NO_FATAL_FAILURE(Create(o));
   const size_t pg = PageSize();
   Mapping a(4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   Mapping outside(pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
@@ -196,6 +197,7 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
 }
 
 TEST_F(MonitorEvents, ForkIsCountedAndTheChildKeepsWorking) {
+  if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;
   const size_t pg = PageSize();
   Mapping a(2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   a.data()[0] = 42;
@@ -277,10 +279,31 @@ TEST_F(MonitorEvents, AnUnmappingThreadIsReleasedWhileTheEventThreadWaitsOnItsLo
 
 TEST(MonitorInterposition, EnvironmentSwitchTurnsItOn) {
   // This binary links libhmmkit_interpose; interpose_missing_test covers a binary without it.
+  if (const char* why = InterpositionUnavailableReason()) GTEST_SKIP() << why;
   ScopedEnv env("HMMKIT_INTERPOSE", "1");
   auto as = AddressSpace::Create();
   ASSERT_TRUE(as.ok()) << as.status().ToString();
   EXPECT_TRUE((*as)->options().interpose);
+}
+
+}  // namespace
+}  // namespace hmmkit::test
+
+namespace hmmkit::test {
+namespace {
+
+TEST(MonitorInterposition, RefusedWhenMunmapResolvesElsewhere) {
+  // Under ThreadSanitizer the runtime's own munmap comes first: asking for interposition must
+  // fail loudly rather than run with hooks that never fire.
+  if (InterpositionUnavailableReason() == nullptr)
+    GTEST_SKIP() << "munmap resolves to libhmmkit_interpose in this build";
+  AddressSpace::Options o;
+  o.interpose = true;
+  auto as = AddressSpace::Create(o);
+  ASSERT_FALSE(as.ok());
+  EXPECT_EQ(as.status().errno_value(), ENOTSUP);
+  EXPECT_NE(as.status().message().find("resolves elsewhere"), std::string::npos)
+      << as.status().ToString();
 }
 
 }  // namespace

@@ -169,6 +169,7 @@ TEST_F(RangeFaultTest, PerPageRequestsThroughPfnFlagsMask) {
 }
 
 TEST_F(RangeFaultTest, AfterForkAWrittenPageIsReadOnlyUntilAWriteFaultBreaksCow) {
+  if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;
   Mapping m(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   m.data()[0] = 5;
   int pipefd[2];

@@ -1,5 +1,6 @@
-// The seam through which device memory (driver/, issue 3) tells range_fault what lives at an address
-// whose CPU page is gone (device-private) or is device memory the CPU can reach (device-coherent).
+// The seam through which device memory (driver/, issue 3) tells range_fault what lives at an
+// address whose CPU page is gone (device-private) or is device memory the CPU can reach
+// (device-coherent).
 #pragma once
 
 #include <cstddef>
@@ -27,15 +28,15 @@ struct DevicePageInfo {
   uint8_t order = 0;
 };
 
-// Implemented by device page maps. Owned by the driver; registered with AddressSpace and removed before
-// it is destroyed.
+// Implemented by device page maps. Owned by the driver; registered with AddressSpace and removed
+// before it is destroyed.
 class DevicePageProvider {
  public:
   virtual ~DevicePageProvider() = default;
 
-  // Required. Fills out[i] for the page at start + i * page size, leaving kSystem where the provider
-  // has no page; returns how many device pages it found. Context: the range_fault caller's thread,
-  // no hmmkit lock held. Must not block on a lock held across an Invalidate callback.
+  // Required. Fills out[i] for the page at start + i * page size, leaving kSystem where the
+  // provider has no page; returns how many device pages it found. Context: the range_fault caller's
+  // thread, no hmmkit lock held. Must not block on a lock held across an Invalidate callback.
   virtual size_t LookupRange(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out) = 0;
 
   // Required. Moves the device pages in [start, end) back to system memory (kernel: migrate_to_ram,

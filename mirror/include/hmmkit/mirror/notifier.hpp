@@ -1,7 +1,7 @@
 // Interval notifiers with the kernel's sequence protocol (mmu_interval_notifier).
 //
-// A driver inserts an IntervalNotifier over the VA range it mirrors. Whenever the CPU page tables of
-// that range change (munmap, MADV_DONTNEED, mremap, mprotect with interposition, hmmkit's own
+// A driver inserts an IntervalNotifier over the VA range it mirrors. Whenever the CPU page tables
+// of that range change (munmap, MADV_DONTNEED, mremap, mprotect with interposition, hmmkit's own
 // migrations), the tree calls the subscription's Invalidate before the change is considered done.
 //
 // The protocol, exactly as the kernel's:
@@ -11,8 +11,8 @@
 //     RangeFault(...)                      // snapshot/fault pages, no driver lock held
 //     lock(driver_lock);
 //     if (sub.ReadRetry(seq)) { unlock(driver_lock); goto again; }
-//     program the device page table;       // pages are still valid: no invalidation since ReadBegin
-//     unlock(driver_lock);
+//     program the device page table;       // pages are still valid: no invalidation since
+//     ReadBegin unlock(driver_lock);
 //
 //   Invalidate(sub, range, cur_seq):
 //     lock(driver_lock);
@@ -22,9 +22,9 @@
 //
 // RetryLoop (range_fault.hpp) writes the "again" part for you.
 //
-// Locking: the tree's mutex (NotifierTree::mu_) protects the tree and the sequence; it is a leaf lock:
-// never held while a callback runs, and callbacks may take any driver lock. The driver lock that pairs
-// SetSeq with ReadRetry is the driver's; hmmkit never takes it.
+// Locking: the tree's mutex (NotifierTree::mu_) protects the tree and the sequence; it is a leaf
+// lock: never held while a callback runs, and callbacks may take any driver lock. The driver lock
+// that pairs SetSeq with ReadRetry is the driver's; hmmkit never takes it.
 #pragma once
 
 #include <atomic>
@@ -67,16 +67,16 @@ class IntervalNotifierOps {
  public:
   virtual ~IntervalNotifierOps() = default;
 
-  // Required. Called when `range` (clipped to nothing: it may extend past the subscription) overlaps
-  // the subscription and the CPU page tables of the overlap are changing.
+  // Required. Called when `range` (clipped to nothing: it may extend past the subscription)
+  // overlaps the subscription and the CPU page tables of the overlap are changing.
   //
   // Context: the thread that raises the invalidation: the MmMonitor's event thread (userfaultfd
-  // events), an application thread inside munmap/mremap/madvise/mprotect/mmap (interposition), or the
-  // thread running a migration. No hmmkit lock is held; the callback may block and allocate.
-  // Obligations: call sub.SetSeq(cur_seq) under the driver lock that guards ReadRetry, and stop every
-  // device access to the overlap before returning (for kUnmap events raised by userfaultfd the change
-  // has already happened; see docs/architecture.md "what the monitor sees").
-  // It may call NotifierTree::Remove on `sub` (or on any other subscription) and Insert new ones.
+  // events), an application thread inside munmap/mremap/madvise/mprotect/mmap (interposition), or
+  // the thread running a migration. No hmmkit lock is held; the callback may block and allocate.
+  // Obligations: call sub.SetSeq(cur_seq) under the driver lock that guards ReadRetry, and stop
+  // every device access to the overlap before returning (for kUnmap events raised by userfaultfd
+  // the change has already happened; see docs/architecture.md "what the monitor sees"). It may call
+  // NotifierTree::Remove on `sub` (or on any other subscription) and Insert new ones.
   virtual void Invalidate(IntervalNotifier& sub, const NotifierRange& range, uint64_t cur_seq) = 0;
 };
 
@@ -95,8 +95,8 @@ class IntervalNotifier {
 
   // Begins a read-side critical section. Returns the sequence to hand to ReadRetry. Blocks while an
   // invalidation that already called this subscription's Invalidate is still running, so the caller
-  // never starts faulting against a change in progress. Must not be called with the driver lock held
-  // (the invalidation it waits for takes that lock).
+  // never starts faulting against a change in progress. Must not be called with the driver lock
+  // held (the invalidation it waits for takes that lock).
   uint64_t ReadBegin();
 
   // True when an invalidation hit this subscription since ReadBegin returned `seq`: the pages just
@@ -141,22 +141,22 @@ class NotifierTree {
   NotifierTree(const NotifierTree&) = delete;
   NotifierTree& operator=(const NotifierTree&) = delete;
 
-  // Subscribes `sub` to [start, start + length). Errors: EINVAL for length 0, overflow, or a sub that
-  // is already inserted. Callable from any thread, including from inside an Invalidate callback; a
-  // subscription inserted while an invalidation runs starts "invalidated": its ReadBegin waits for
-  // that invalidation to finish.
+  // Subscribes `sub` to [start, start + length). Errors: EINVAL for length 0, overflow, or a sub
+  // that is already inserted. Callable from any thread, including from inside an Invalidate
+  // callback; a subscription inserted while an invalidation runs starts "invalidated": its
+  // ReadBegin waits for that invalidation to finish.
   Status Insert(IntervalNotifier& sub, uintptr_t start, size_t length, IntervalNotifierOps& ops)
       EXCLUDES(mu_);
 
-  // Unsubscribes. After return the tree holds no reference to `sub` and its Invalidate is not running
-  // on any other thread and will not be called again. Called from inside sub's own Invalidate, it
-  // returns at once (the running callback is the caller) and `sub` may be destroyed once that callback
-  // returns. Removing a notifier that is not inserted is a no-op.
+  // Unsubscribes. After return the tree holds no reference to `sub` and its Invalidate is not
+  // running on any other thread and will not be called again. Called from inside sub's own
+  // Invalidate, it returns at once (the running callback is the caller) and `sub` may be destroyed
+  // once that callback returns. Removing a notifier that is not inserted is a no-op.
   void Remove(IntervalNotifier& sub) EXCLUDES(mu_);
 
-  // Raises an invalidation: calls Invalidate on every subscription overlapping the range, in address
-  // order, on the calling thread. The tree's sequence stays odd until every concurrent invalidation
-  // has ended. Returns the number of subscriptions called.
+  // Raises an invalidation: calls Invalidate on every subscription overlapping the range, in
+  // address order, on the calling thread. The tree's sequence stays odd until every concurrent
+  // invalidation has ended. Returns the number of subscriptions called.
   size_t Invalidate(const NotifierRange& range) EXCLUDES(mu_);
 
   // Two-phase form for changes that take time (a migration): Start before the change, End after.

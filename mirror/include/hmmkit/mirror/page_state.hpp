@@ -1,4 +1,5 @@
-// Per-page state of the CPU page tables, as a snapshot reads it (PAGEMAP_SCAN or /proc/self/pagemap).
+// Per-page state of the CPU page tables, as a snapshot reads it (PAGEMAP_SCAN or
+// /proc/self/pagemap).
 #pragma once
 
 #include <cstdint>

@@ -10,8 +10,9 @@
 //
 // Output entry layout (bits of the kernel's hmm_pfn where they exist):
 //   63 kValid   62 kWrite   61 kError   56..60 map order   52..55 PageKind   0..51 payload
-// The payload is the device page id for device pages and 0 for system pages: a device reaches system
-// memory through the virtual address itself. Request bits share the positions of kValid/kWrite.
+// The payload is the device page id for device pages and 0 for system pages: a device reaches
+// system memory through the virtual address itself. Request bits share the positions of
+// kValid/kWrite.
 //
 // Errors (the entries are undefined after an error):
 //   EBUSY   the notifier's sequence moved (an invalidation ran); call ReadBegin and retry
@@ -46,9 +47,15 @@ inline constexpr uint64_t kReqFault = kValid;
 inline constexpr uint64_t kReqWrite = kWrite;
 inline constexpr uint64_t kReqMask = kReqFault | kReqWrite;
 
-inline unsigned MapOrder(uint64_t e) { return unsigned((e & kOrderMask) >> kOrderShift); }
-inline PageKind Kind(uint64_t e) { return PageKind((e & kKindMask) >> kKindShift); }
-inline uint64_t Payload(uint64_t e) { return e & kPayloadMask; }
+inline unsigned MapOrder(uint64_t e) {
+  return unsigned((e & kOrderMask) >> kOrderShift);
+}
+inline PageKind Kind(uint64_t e) {
+  return PageKind((e & kKindMask) >> kKindShift);
+}
+inline uint64_t Payload(uint64_t e) {
+  return e & kPayloadMask;
+}
 inline uint64_t Make(uint64_t flags, unsigned order, PageKind kind, uint64_t payload) {
   return flags | (uint64_t(order) << kOrderShift) | (uint64_t(kind) << kKindShift) |
          (payload & kPayloadMask);
@@ -59,8 +66,8 @@ struct Range {
   IntervalNotifier* notifier = nullptr;  // required: the subscription covering [start, end)
   uint64_t notifier_seq = 0;             // from notifier->ReadBegin()
   uintptr_t start = 0;
-  uintptr_t end = 0;                     // exclusive
-  std::span<uint64_t> hmm_pfns;          // (end - start) / page size entries: requests in, results out
+  uintptr_t end = 0;             // exclusive
+  std::span<uint64_t> hmm_pfns;  // (end - start) / page size entries: requests in, results out
   uint64_t default_flags = 0;
   uint64_t pfn_flags_mask = 0;
   // Device-private pages of this owner are reported as kDevicePrivate entries; those of any other
@@ -81,9 +88,9 @@ struct RetryOptions {
 //   ReadBegin -> RangeFault (EBUSY: again) -> lock driver_lock -> ReadRetry (true: unlock, again)
 //   -> commit(range) with driver_lock held -> unlock.
 // `commit` is called exactly once on success, with the driver lock held and the entries valid; it
-// returns a Status that RetryLoop returns. Request flags in hmm_pfns are restored before each retry.
-// Errors: ETIMEDOUT when the deadline passed while invalidations kept racing, RangeFault's EFAULT/
-// EPERM/EINVAL, or commit's error. Lock is any BasicLockable (hmmkit::Mutex, std::mutex).
+// returns a Status that RetryLoop returns. Request flags in hmm_pfns are restored before each
+// retry. Errors: ETIMEDOUT when the deadline passed while invalidations kept racing, RangeFault's
+// EFAULT/ EPERM/EINVAL, or commit's error. Lock is any BasicLockable (hmmkit::Mutex, std::mutex).
 template <class Lock, class Commit>
 Status RetryLoop(AddressSpace& as, Range& range, Lock& driver_lock, Commit&& commit,
                  const RetryOptions& options = {});
@@ -104,7 +111,8 @@ Status RetryTimedOut(const Range& range, std::chrono::milliseconds timeout, unsi
 template <class Lock, class Commit>
 Status RetryLoop(AddressSpace& as, Range& range, Lock& driver_lock, Commit&& commit,
                  const RetryOptions& options) {
-  if (range.notifier == nullptr) return Status::FromErrno(EINVAL, "RetryLoop: range has no notifier");
+  if (range.notifier == nullptr)
+    return Status::FromErrno(EINVAL, "RetryLoop: range has no notifier");
   const auto deadline = std::chrono::steady_clock::now() + options.timeout;
   detail::RequestSaver saver(range);
   for (unsigned attempt = 1;; ++attempt) {

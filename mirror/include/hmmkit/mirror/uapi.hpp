@@ -1,6 +1,7 @@
 // Kernel uAPI that Debian 12's headers (Linux 6.1) predate, defined locally from the published ABI.
-// Each block is guarded so that newer system headers win. Nothing here is used without a run-time probe
-// (see kernel_features.hpp): a definition being present says nothing about the running kernel.
+// Each block is guarded so that newer system headers win. Nothing here is used without a run-time
+// probe (see kernel_features.hpp): a definition being present says nothing about the running
+// kernel.
 #pragma once
 
 #include <linux/fs.h>

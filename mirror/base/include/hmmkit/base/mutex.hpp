@@ -1,5 +1,5 @@
-// Annotated mutex and lock guards. Every hmmkit lock is a hmmkit::Mutex so that Clang checks the lock
-// discipline, and debug builds can assert "held by this thread" where the compiler cannot see
+// Annotated mutex and lock guards. Every hmmkit lock is a hmmkit::Mutex so that Clang checks the
+// lock discipline, and debug builds can assert "held by this thread" where the compiler cannot see
 // (callbacks, virtual calls): see AssertHeld().
 #pragma once
 
@@ -34,7 +34,9 @@ class CAPABILITY("mutex") Mutex {
     return true;
   }
   // True when the calling thread holds the mutex. Exact for the caller's own thread.
-  bool HeldByMe() const { return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id(); }
+  bool HeldByMe() const {
+    return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
   // Tells the analysis (and, in debug builds, checks) that the caller holds the mutex.
   void AssertHeld() const ASSERT_CAPABILITY(this);
 
@@ -78,7 +80,7 @@ class CondVar {
     std::unique_lock<std::mutex> lk(mu.native(), std::adopt_lock);
     mu.clear_owner();
     cv_.wait(lk, [&]() NO_THREAD_SAFETY_ANALYSIS {  // mu is held here; the analysis cannot see it
-      mu.set_owner();  // the predicate runs with the lock held
+      mu.set_owner();                               // the predicate runs with the lock held
       bool done = pred();
       if (!done) mu.clear_owner();
       return done;

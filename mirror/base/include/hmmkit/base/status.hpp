@@ -1,8 +1,8 @@
 // The one error type of hmmkit's C++ API.
 //
-// Status carries a std::error_code in the generic (errno) category plus an optional message naming the
-// address and the reason. Result<T> is a value or a Status. Both are [[nodiscard]]: an error cannot be
-// dropped silently. Success never allocates; a message is built only on the error path.
+// Status carries a std::error_code in the generic (errno) category plus an optional message naming
+// the address and the reason. Result<T> is a value or a Status. Both are [[nodiscard]]: an error
+// cannot be dropped silently. Success never allocates; a message is built only on the error path.
 //
 // Errno values follow the kernel's conventions so that driver authors read them the same way:
 //   EBUSY   the notifier sequence moved; retry (the retry-loop helper does this for you)
@@ -51,15 +51,17 @@ class [[nodiscard]] Status {
 template <class T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT(google-explicit-constructor)
+  Result(T value) : v_(std::move(value)) {}        // NOLINT(google-explicit-constructor)
   Result(Status status) : v_(std::move(status)) {  // NOLINT(google-explicit-constructor)
-    if (std::get<Status>(v_).ok()) std::abort();  // a Result error must carry an error
+    if (std::get<Status>(v_).ok()) std::abort();   // a Result error must carry an error
   }
   bool ok() const { return std::holds_alternative<T>(v_); }
   explicit operator bool() const { return ok(); }
   const T& value() const& { return ok() ? std::get<T>(v_) : (std::abort(), std::get<T>(v_)); }
   T& value() & { return ok() ? std::get<T>(v_) : (std::abort(), std::get<T>(v_)); }
-  T&& value() && { return ok() ? std::get<T>(std::move(v_)) : (std::abort(), std::get<T>(std::move(v_))); }
+  T&& value() && {
+    return ok() ? std::get<T>(std::move(v_)) : (std::abort(), std::get<T>(std::move(v_)));
+  }
   const T& operator*() const& { return value(); }
   T& operator*() & { return value(); }
   const T* operator->() const { return &value(); }
@@ -72,9 +74,9 @@ class [[nodiscard]] Result {
 };
 
 // Returns from the enclosing function when expr is an error Status.
-#define HMMKIT_RETURN_IF_ERROR(expr)      \
-  do {                                     \
-    ::hmmkit::Status hmmkit_st_ = (expr);  \
+#define HMMKIT_RETURN_IF_ERROR(expr)         \
+  do {                                       \
+    ::hmmkit::Status hmmkit_st_ = (expr);    \
     if (!hmmkit_st_.ok()) return hmmkit_st_; \
   } while (0)
 
