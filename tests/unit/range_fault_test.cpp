@@ -208,6 +208,28 @@ TEST_F(RangeFaultTest, TransparentHugePagesReportOrder9) {
   }
 }
 
+TEST_F(RangeFaultTest, HugetlbPagesFaultInAndReportOrder9) {
+  const KernelFeatures& f = as_->features();
+  if (f.hugetlb_page_size != 2 * kMiB || f.hugetlb_free < 1)
+    GTEST_SKIP() << "no free 2 MiB hugetlb page (vm.nr_hugepages)";
+  void* p = mmap(nullptr, 2 * kMiB, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+  if (p == MAP_FAILED) GTEST_SKIP() << "MAP_HUGETLB: " << strerror(errno);
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::vector<uint64_t> e;
+
+  ASSERT_TRUE(Fault(a, a + 2 * kMiB, 0, &e).ok());
+  EXPECT_EQ(e[0], 0u) << "untouched hugetlb memory is not present";
+  Status st = Fault(a, a + 2 * kMiB, kW, &e);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  for (size_t i = 0; i < e.size(); i += 101) {
+    EXPECT_TRUE(Valid(e[i]) && Writable(e[i])) << i;
+    EXPECT_EQ(MapOrder(e[i]), 9u) << i;
+  }
+  as_->notifiers().Remove(sub_);
+  munmap(p, 2 * kMiB);
+}
+
 // ---- shared memory and files ------------------------------------------------------------------
 
 TEST_F(RangeFaultTest, SharedAnonymousPagesAreWritableOnceFaulted) {
