@@ -170,7 +170,9 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   EXPECT_EQ(seen[0].end, a.addr() + pg);
   EXPECT_EQ(prot_at_callback[0], 1) << "the callback ran after the change";
 
-  // munmap: kUnmap while the range is still mapped.
+  // munmap: kUnmap while the range is still mapped. (Each step drains the monitor first: an
+  // interposed munmap/madvise also produces a userfaultfd event, delivered later.)
+  as_->monitor()->Sync();
   ops.clear();
   ASSERT_EQ(munmap(a.page(3), pg), 0);
   seen = ops.seen();
@@ -180,6 +182,7 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   EXPECT_TRUE(mapped_at_callback[1]) << "interposed munmap must notify before unmapping";
 
   // madvise(DONTNEED): kClear.
+  as_->monitor()->Sync();
   ops.clear();
   ASSERT_EQ(madvise(a.page(1), pg, MADV_DONTNEED), 0);
   seen = ops.seen();
@@ -188,6 +191,7 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   EXPECT_EQ(seen[0].start, a.addr() + pg);
 
   // A change outside every subscription calls nobody.
+  as_->monitor()->Sync();
   ops.clear();
   ASSERT_EQ(mprotect(outside.data(), pg, PROT_READ), 0);
   EXPECT_TRUE(ops.seen().empty());

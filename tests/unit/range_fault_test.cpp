@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "flaky_sys.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
 #include "recording_ops.hpp"
@@ -328,18 +329,9 @@ TEST_F(RangeFaultTest, RangeFaultWatchesTheRangeBeforeReading) {
   m.Release();
 }
 
-// Counts MADV_POPULATE calls.
-class CountingSys : public Sys {
- public:
-  int Madvise(void* addr, size_t len, int advice) override {
-    if (advice == MADV_POPULATE_READ || advice == MADV_POPULATE_WRITE) populates++;
-    return Sys::Madvise(addr, len, advice);
-  }
-  std::atomic<int> populates{0};
-};
 
 TEST_F(RangeFaultTest, FaultsAreBatchedNotOneCallPerPage) {
-  CountingSys sys;
+  FlakySys sys;
   AddressSpace::Options o;
   o.sys = &sys;
   as_ = MakeAddressSpace(o);
@@ -348,7 +340,7 @@ TEST_F(RangeFaultTest, FaultsAreBatchedNotOneCallPerPage) {
   m.page(10)[0] = 1;  // one page already present splits the need into two runs
   std::vector<uint64_t> e;
   ASSERT_TRUE(Fault(m.addr(), m.end(), kW, &e).ok());
-  EXPECT_EQ(sys.populates.load(), 2);
+  EXPECT_EQ(sys.populate_calls.load(), 2);
   for (uint64_t x : e) EXPECT_TRUE(Valid(x) && Writable(x));
   // The Sys must outlive the AddressSpace (its monitor thread reads through it).
   as_->notifiers().Remove(sub_);

@@ -18,6 +18,7 @@
 
 #include <gtest/gtest.h>
 
+#include "flaky_sys.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "test_support.hpp"
 
@@ -86,36 +87,6 @@ bool HugeZeroPageEnabled() {
   int v = 0;
   return (f >> v) && v == 1;
 }
-
-// Counts calls; the first `fail_*` of each fail with `error`.
-class FlakySys : public Sys {
- public:
-  int Madvise(void* addr, size_t len, int advice) override {
-    madvise_calls++;
-    if (fail_madvise.fetch_sub(1) > 0) return Fail();
-    return Sys::Madvise(addr, len, advice);
-  }
-  ssize_t Pread(int fd, void* buf, size_t count, off_t offset) override {
-    pread_calls++;
-    if (fail_pread.fetch_sub(1) > 0) return Fail();
-    return Sys::Pread(fd, buf, count, offset);
-  }
-  int Ioctl(int fd, unsigned long request, void* arg) override {
-    ioctl_calls++;
-    if (fail_ioctl.fetch_sub(1) > 0) return Fail();
-    return Sys::Ioctl(fd, request, arg);
-  }
-
-  int error = EINTR;
-  std::atomic<int> fail_madvise{0}, fail_pread{0}, fail_ioctl{0};
-  std::atomic<int> madvise_calls{0}, pread_calls{0}, ioctl_calls{0};
-
- private:
-  int Fail() {
-    errno = error;
-    return -1;
-  }
-};
 
 class SnapshotTest : public ::testing::TestWithParam<Mechanism> {
  protected:
@@ -533,7 +504,7 @@ TEST_P(SnapshotTest, PopulateRetriesEintrAndEagain) {
   for (int error : {EINTR, EAGAIN}) {
     SCOPED_TRACE(strerror(error));
     // Given a Sys whose first madvise fails with EINTR (then EAGAIN)
-    FlakySys sys;
+    test::FlakySys sys;
     sys.error = error;
     sys.fail_madvise = 1;
     auto as = Make({.sys = &sys});
@@ -550,7 +521,7 @@ TEST_P(SnapshotTest, PopulateRetriesEintrAndEagain) {
 
 TEST_P(SnapshotTest, SnapshotRetriesInterruptedReads) {
   // Given a Sys whose first pread and first ioctl fail with EINTR, and a check that reads bit 56
-  FlakySys sys;
+  test::FlakySys sys;
   sys.fail_pread = 1;
   sys.fail_ioctl = 1;
   auto as = Make({.sys = &sys, .exclusive = ExclusiveCheck::kAlways});
@@ -578,7 +549,7 @@ TEST_P(SnapshotTest, LargeRangeIsReadInFewCalls) {
   ASSERT_EQ(madvise(m.data(), m.size(), MADV_NOHUGEPAGE), 0);
   const size_t n = m.size() / PageSize();
   for (size_t i = 0; i < n; i += 2) Touch(m, i);
-  FlakySys sys;
+  test::FlakySys sys;
   auto as = Make({.sys = &sys, .exclusive = ExclusiveCheck::kAlways});
   ASSERT_NE(as, nullptr);
   // When it is snapshotted

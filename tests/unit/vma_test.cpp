@@ -17,6 +17,7 @@
 
 #include <gtest/gtest.h>
 
+#include "flaky_sys.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "test_support.hpp"
 
@@ -36,30 +37,6 @@ bool IsTmpfs(const char* dir) {
   struct statfs sfs;
   return statfs(dir, &sfs) == 0 && sfs.f_type == TMPFS_MAGIC;
 }
-
-// Counts calls and fails the first `fail_*` of each with EINTR.
-class FlakySys : public Sys {
- public:
-  int Ioctl(int fd, unsigned long request, void* arg) override {
-    ioctl_calls++;
-    if (fail_ioctl.fetch_sub(1) > 0) return Fail();
-    return Sys::Ioctl(fd, request, arg);
-  }
-  ssize_t Read(int fd, void* buf, size_t count) override {
-    read_calls++;
-    if (fail_read.fetch_sub(1) > 0) return Fail();
-    return Sys::Read(fd, buf, count);
-  }
-
-  std::atomic<int> fail_ioctl{0}, fail_read{0};
-  std::atomic<int> ioctl_calls{0}, read_calls{0};
-
- private:
-  static int Fail() {
-    errno = EINTR;
-    return -1;
-  }
-};
 
 class VmaTest : public ::testing::TestWithParam<Mechanism> {
  protected:
@@ -401,7 +378,7 @@ TEST_P(VmaTest, BothMechanismsAgree) {
 
 TEST_P(VmaTest, InterruptedQueryIsRetried) {
   // Given a Sys whose first ioctl and first read fail with EINTR
-  FlakySys sys;
+  test::FlakySys sys;
   sys.fail_ioctl = 1;
   sys.fail_read = 1;
   AddressSpace::Options options;
