@@ -329,7 +329,6 @@ TEST_F(RangeFaultTest, RangeFaultWatchesTheRangeBeforeReading) {
   m.Release();
 }
 
-
 TEST_F(RangeFaultTest, FaultsAreBatchedNotOneCallPerPage) {
   FlakySys sys;
   AddressSpace::Options o;
