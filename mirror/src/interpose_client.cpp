@@ -3,10 +3,10 @@
 
 #include <dlfcn.h>
 
-#include <mutex>
 #include <utility>
 #include <vector>
 
+#include "hmmkit/base/mutex.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit_interpose.h"
 
@@ -21,8 +21,8 @@ void Trampoline(void* ctx, uintptr_t start, uintptr_t end, int kind) {
   static_cast<MmMonitor*>(ctx)->NotifyBeforeChange(start, end, kind);
 }
 
-std::mutex g_mu;  // guards g_slots (attach/detach are rare)
-std::vector<std::pair<MmMonitor*, int>> g_slots;
+Mutex g_mu;  // leaf lock; attach/detach are rare
+std::vector<std::pair<MmMonitor*, int>> g_slots GUARDED_BY(g_mu);
 
 constexpr const char* kHowToLoad =
     "libhmmkit_interpose is not loaded: link hmmkit::interpose into the executable or start it "
@@ -50,14 +50,14 @@ Status InterposeAttach(MmMonitor& monitor) {
                              "before libc (link order or LD_PRELOAD), not with dlopen");
   int slot = reg(Trampoline, &monitor);
   if (slot < 0) return Status::FromErrno(EBUSY, "all interposition slots are taken");
-  std::lock_guard<std::mutex> lock(g_mu);
+  MutexLock lock(g_mu);
   g_slots.emplace_back(&monitor, slot);
   return Status::Ok();
 }
 
 void InterposeDetach(MmMonitor& monitor) {
   auto unreg = reinterpret_cast<UnregisterFn>(dlsym(RTLD_DEFAULT, "hmmkit_interpose_unregister"));
-  std::lock_guard<std::mutex> lock(g_mu);
+  MutexLock lock(g_mu);
   for (auto it = g_slots.begin(); it != g_slots.end();) {
     if (it->first == &monitor) {
       if (unreg) unreg(it->second);

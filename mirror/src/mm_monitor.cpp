@@ -193,9 +193,8 @@ Status MmMonitor::Open() {
   if (f.uffd_mode == UffdOpenMode::kNone)
     return Status::FromErrno(ENOTSUP, "userfaultfd unavailable: " + f.uffd_error);
 
+  // HMMKIT_DISABLE has already cleared the features it names from f.uffd_features.
   uint64_t want = kWantedFeatures & f.uffd_features;
-  if (f.disabled.count("uffd_wp"))
-    want &= ~uint64_t(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
   // EVENT_FORK needs CAP_SYS_PTRACE on recent kernels: retry without it on EPERM.
   for (int attempt = 0; attempt < 2; ++attempt) {
     uffd_ = OpenUffd(f.uffd_mode);
@@ -298,7 +297,7 @@ Status MmMonitor::EnsureWatched(uintptr_t start, uintptr_t end) {
       e = std::min(vma.end, AlignUp(e, vma.page_size));
     }
     for (auto [gs, ge] : IntervalGaps(registered_, s, e)) {
-      Status st = RegisterLocked(gs, ge, /*missing=*/false);
+      Status st = RegisterLocked(gs, ge, vma.kind, /*missing=*/false);
       if (st.errno_value() == ENOMEM) return st;  // vm.max_map_count: the caller must know
       if (!st.ok() && gs < end && ge > start && warned_.insert(gs).second) {
         Log().warn("monitor: range {:#x}-{:#x} ({}) is not watched: {}", gs, ge, ToString(vma.kind),
@@ -314,14 +313,17 @@ bool MmMonitor::IsWatched(uintptr_t start, uintptr_t end) const {
   return IntervalCovers(registered_, start, end);
 }
 
-Status MmMonitor::RegisterLocked(uintptr_t start, uintptr_t end, bool missing) {
-  auto vma = as_.FindVma(start);
-  bool shmem_like = vma.ok() && *vma && (*vma)->kind != VmaKind::kAnon;
-  bool wp = shmem_like ? wp_shmem_ : wp_anon_;
-  uint64_t modes = 0;
-  if (wp) modes |= UFFDIO_REGISTER_MODE_WP;
+uint64_t MmMonitor::RegisterModes(VmaKind kind, bool missing) const {
+  // Write-protect mode watches a range without taking its first-touch faults; MISSING is added
+  // where a handler wants those faults, or where the kernel has no WP mode for this kind.
+  const bool wp = kind == VmaKind::kAnon ? wp_anon_ : wp_shmem_;
+  uint64_t modes = wp ? UFFDIO_REGISTER_MODE_WP : 0;
   if (missing || !wp) modes |= UFFDIO_REGISTER_MODE_MISSING;
-  Status st = uffd::Register(as_.sys(), uffd_, start, end, modes);
+  return modes;
+}
+
+Status MmMonitor::RegisterLocked(uintptr_t start, uintptr_t end, VmaKind kind, bool missing) {
+  Status st = uffd::Register(as_.sys(), uffd_, start, end, RegisterModes(kind, missing));
   MutexLock lock(stats_mu_);
   if (!st.ok()) {
     stats_.registration_failures++;
@@ -341,12 +343,19 @@ Status MmMonitor::AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& 
   const uintptr_t page = as_.features().page_size;
   if (start >= end || (start | end) & (page - 1))
     return Status::FromErrno(EINVAL, "AddFaultHandler: unaligned or empty range");
+  auto vma = as_.FindVma(start);
+  if (!vma.ok()) return vma.status();
+  if (!*vma || !(*vma)->registrable())
+    return Status::FromErrno(EINVAL,
+                             "AddFaultHandler: the range does not start in a VMA that "
+                             "userfaultfd can register (anon, shmem, hugetlb)");
+  const VmaKind kind = (*vma)->kind;
   MutexLock lock(reg_mu_);
   for (const HandlerRange& h : handlers_)
     if (h.start < end && start < h.end)
       return Status::FromErrno(EEXIST, "AddFaultHandler: range overlaps another handler");
-  HMMKIT_RETURN_IF_ERROR(RegisterLocked(start, end, /*missing=*/true));
-  handlers_.push_back(HandlerRange{start, end, &handler});
+  HMMKIT_RETURN_IF_ERROR(RegisterLocked(start, end, kind, /*missing=*/true));
+  handlers_.push_back(HandlerRange{start, end, kind, &handler});
   return Status::Ok();
 }
 
@@ -358,7 +367,7 @@ void MmMonitor::RemoveFaultHandler(FaultHandler& handler) {
       continue;
     }
     // Back to the base mode: later missing faults are the kernel's again.
-    uint64_t modes = wp_anon_ ? UFFDIO_REGISTER_MODE_WP : UFFDIO_REGISTER_MODE_MISSING;
+    const uint64_t modes = RegisterModes(it->kind, /*missing=*/false);
     if (!uffd::Register(as_.sys(), uffd_, it->start, it->end, modes).ok()) {
       uffd::Unregister(as_.sys(), uffd_, it->start, it->end).IgnoreError();
       IntervalSubtract(registered_, it->start, it->end);

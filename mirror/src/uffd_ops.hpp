@@ -1,4 +1,4 @@
-// Small helpers over the userfaultfd ioctls, shared by the monitor and its tests.
+// Small helpers over the userfaultfd ioctls, used by the monitor (defined in mm_monitor.cpp).
 #pragma once
 
 #include <cstdint>

@@ -111,11 +111,6 @@ std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options) {
   return *as;
 }
 
-bool FallbackRun() {
-  const char* d = getenv("HMMKIT_DISABLE");
-  return d && *d;
-}
-
 namespace {
 #if defined(__SANITIZE_THREAD__)
 constexpr bool kTsan = true;

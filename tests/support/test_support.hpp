@@ -70,9 +70,6 @@ class ScopedEnv {
 // Creates an AddressSpace or fails the test.
 std::shared_ptr<AddressSpace> MakeAddressSpace(AddressSpace::Options options = {});
 
-// True when the fallbacks are forced for this run (HMMKIT_DISABLE set by ctest's fallback.* tests).
-bool FallbackRun();
-
 // Why interposition cannot work in this build, or nullptr. ThreadSanitizer's runtime defines munmap
 // and friends in the executable itself, ahead of libhmmkit_interpose (hmmkit then refuses with
 // ENOTSUP, as it must).

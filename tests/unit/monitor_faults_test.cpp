@@ -151,6 +151,11 @@ TEST_F(MonitorFaults, BadHandlerRangesAreRejected) {
   ASSERT_TRUE(as_->monitor()->AddFaultHandler(m.addr(), m.addr() + 2 * pg, h1).ok());
   EXPECT_EQ(as_->monitor()->AddFaultHandler(m.addr() + pg, m.end(), h2).errno_value(), EEXIST);
   as_->monitor()->RemoveFaultHandler(h1);
+  // A range that starts where nothing is mapped cannot be registered.
+  Mapping gone(pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  const uintptr_t hole = gone.addr();
+  gone.Unmap();
+  EXPECT_EQ(as_->monitor()->AddFaultHandler(hole, hole + pg, h2).errno_value(), EINVAL);
 }
 
 }  // namespace

@@ -42,6 +42,7 @@
 #include "hmmkit/base/mutex.hpp"
 #include "hmmkit/base/status.hpp"
 #include "hmmkit/mirror/kernel_features.hpp"
+#include "hmmkit/mirror/vma.hpp"
 
 struct uffd_msg;
 
@@ -108,7 +109,8 @@ class MmMonitor {
 
   // Routes MISSING and WP faults in [start, end) to `handler` and registers the range with MISSING
   // (and WP where available). Ranges of two handlers must not overlap (EEXIST). The handler must
-  // outlive its registration. Errors: EINVAL, EEXIST, registration errors.
+  // outlive its registration. Errors: EINVAL (unaligned, empty, or not starting in an anon, shmem
+  // or hugetlb VMA), EEXIST, registration errors.
   Status AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& handler) EXCLUDES(reg_mu_);
   // Removes the routing; after return the handler is not running and will not be called.
   void RemoveFaultHandler(FaultHandler& handler) EXCLUDES(reg_mu_);
@@ -145,7 +147,9 @@ class MmMonitor {
   void ReaderLoop();
   void EventLoop();
   void FaultLoop();
-  Status RegisterLocked(uintptr_t start, uintptr_t end, bool missing) REQUIRES(reg_mu_);
+  uint64_t RegisterModes(VmaKind kind, bool missing) const;
+  Status RegisterLocked(uintptr_t start, uintptr_t end, VmaKind kind, bool missing)
+      REQUIRES(reg_mu_);
   void ForgetRegistered(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
 
   struct Message;  // a queued userfaultfd message or a Sync barrier
@@ -178,6 +182,7 @@ class MmMonitor {
   struct HandlerRange {
     uintptr_t start;
     uintptr_t end;
+    VmaKind kind;  // decides the registration mode
     FaultHandler* handler;
   };
   std::vector<HandlerRange> handlers_ GUARDED_BY(reg_mu_);

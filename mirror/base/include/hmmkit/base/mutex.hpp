@@ -42,9 +42,6 @@ class CAPABILITY("mutex") Mutex {
 
   std::mutex& native() { return mu_; }
 
-  // Lets annotations name the negative capability: REQUIRES(!mu) ("caller must not hold mu").
-  const Mutex& operator!() const { return *this; }
-
  private:
   friend class CondVar;
   void set_owner() { owner_.store(std::this_thread::get_id(), std::memory_order_relaxed); }
