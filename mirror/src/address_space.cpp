@@ -11,6 +11,8 @@
 #include <cstring>
 #include <string_view>
 
+#include "device_entries.hpp"
+#include "fork_guard.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "interpose_client.hpp"
@@ -53,9 +55,13 @@ void AddressSpace::NoteFork() {
 AddressSpace::AddressSpace(const Options& options)
     : options_(options),
       sys_(options.sys ? options.sys : &Sys::Real()),
-      features_(options.features ? options.features : &KernelFeatures::Get()) {}
+      features_(options.features ? options.features : &KernelFeatures::Get()),
+      entries_(std::make_unique<detail::DeviceEntries>(*this)),
+      creator_pid_(::getpid()) {}
 
 Result<std::shared_ptr<AddressSpace>> AddressSpace::Create(const Options& options) {
+  if (options.fault_window == 0 || (options.fault_window & (options.fault_window - 1)) != 0)
+    return Status::FromErrno(EINVAL, "AddressSpace: fault_window must be a power of two >= 1");
   if (options.granule < size_t(sysconf(_SC_PAGESIZE)) ||
       (options.granule & (options.granule - 1)) != 0) {
     return Status::FromErrno(EINVAL, "AddressSpace: granule must be a power of two >= page size");
@@ -63,6 +69,7 @@ Result<std::shared_ptr<AddressSpace>> AddressSpace::Create(const Options& option
   std::shared_ptr<AddressSpace> as(new AddressSpace(options));
   if (EnvTrue("HMMKIT_INTERPOSE")) as->options_.interpose = true;
   HMMKIT_RETURN_IF_ERROR(as->Open());
+  ForkGuardAdd(*as);
   return as;
 }
 
@@ -99,6 +106,12 @@ Status AddressSpace::Open() {
 }
 
 AddressSpace::~AddressSpace() {
+  ForkGuardRemove(*this);
+  // Device pages go back to system memory while the monitor can still resolve faults.
+  if (::getpid() == creator_pid_ && monitor_) {
+    Status st = entries_->EvictAll();
+    if (!st.ok()) Log().error("AddressSpace teardown: device pages not evicted: {}", st.ToString());
+  }
   if (options_.interpose && monitor_) InterposeDetach(*monitor_);
   // Everything still subscribed learns that the address space goes away.
   notifiers_.Invalidate(NotifierRange{0, UINTPTR_MAX, InvalidateEvent::kRelease, nullptr});
@@ -107,35 +120,32 @@ AddressSpace::~AddressSpace() {
     if (fd >= 0) ::close(fd);
 }
 
-void AddressSpace::AddDevicePageProvider(DevicePageProvider& provider) {
-  MutexLock lock(providers_mu_);
-  providers_.push_back(&provider);
-  provider_count_.store(providers_.size(), std::memory_order_release);
-}
-
-void AddressSpace::RemoveDevicePageProvider(DevicePageProvider& provider) {
-  MutexLock lock(providers_mu_);
-  providers_.erase(std::remove(providers_.begin(), providers_.end(), &provider), providers_.end());
-  provider_count_.store(providers_.size(), std::memory_order_release);
-}
-
 size_t AddressSpace::LookupDevicePages(uintptr_t start, uintptr_t end,
                                        std::span<DevicePageInfo> out) {
-  std::fill(out.begin(), out.end(), DevicePageInfo{});
-  MutexLock lock(providers_mu_);
-  size_t found = 0;
-  for (DevicePageProvider* p : providers_) found += p->LookupRange(start, end, out);
-  return found;
+  return entries_->Lookup(start, end, out);
+}
+
+size_t AddressSpace::device_page_count() const {
+  return entries_->size();
 }
 
 Status AddressSpace::MigrateDevicePagesToRam(uintptr_t start, uintptr_t end) {
-  std::vector<DevicePageProvider*> providers;
-  {
-    MutexLock lock(providers_mu_);
-    providers = providers_;
+  HMMKIT_RETURN_IF_ERROR(entries_->RestoreExclusive(start, end));
+  for (auto& [va, e] : entries_->Collect(start, end)) {
+    if (e.exclusive || e.pagemap->kind() != PageKind::kDevicePrivate) continue;
+    detail::DeviceEntry still;
+    if (!entries_->Find(va, &still)) continue;  // came back with an earlier window
+    HMMKIT_RETURN_IF_ERROR(e.pagemap->MigrateToRam(*this, va));
   }
-  for (DevicePageProvider* p : providers) HMMKIT_RETURN_IF_ERROR(p->MigrateToRam(start, end));
   return Status::Ok();
+}
+
+void AddressSpace::OnCpuPagesGone(uintptr_t start, uintptr_t end) {
+  entries_->DropRange(start, end);
+}
+
+void AddressSpace::OnCpuPagesMoved(uintptr_t from, uintptr_t to, size_t len) {
+  entries_->MoveRange(from, to, len);
 }
 
 }  // namespace hmmkit

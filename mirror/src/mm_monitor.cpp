@@ -379,6 +379,59 @@ void MmMonitor::RemoveFaultHandler(FaultHandler& handler) {
     handler_cv_.Wait(reg_mu_, [&]() REQUIRES(reg_mu_) { return running_handler_ != &handler; });
 }
 
+Status MmMonitor::RouteFaults(uintptr_t start, uintptr_t end, FaultHandler& handler) {
+  const uintptr_t page = as_.features().page_size;
+  if (start >= end || (start | end) & (page - 1))
+    return Status::FromErrno(EINVAL, "RouteFaults: unaligned or empty range");
+  auto vma = as_.FindVma(start);
+  if (!vma.ok()) return vma.status();
+  if (!*vma || !(*vma)->registrable())
+    return Status::FromErrno(EINVAL,
+                             "RouteFaults: the range does not start in a VMA that userfaultfd "
+                             "can register (anon, shmem, hugetlb)");
+  end = std::min(end, (*vma)->end);
+  const VmaKind kind = (*vma)->kind;
+  MutexLock lock(reg_mu_);
+  IntervalMap covered;
+  for (const HandlerRange& h : handlers_)
+    if (h.start < end && start < h.end) IntervalAdd(covered, h.start, h.end);
+  for (auto [gs, ge] : IntervalGaps(covered, start, end)) {
+    HMMKIT_RETURN_IF_ERROR(RegisterLocked(gs, ge, kind, /*missing=*/true));
+    handlers_.push_back(HandlerRange{gs, ge, kind, &handler});
+  }
+  return Status::Ok();
+}
+
+void MmMonitor::ForgetRange(uintptr_t start, uintptr_t end) {
+  MutexLock lock(reg_mu_);
+  IntervalSubtract(registered_, start, end);
+  TrimHandlersLocked(start, end);
+}
+
+void MmMonitor::TrimHandlersLocked(uintptr_t start, uintptr_t end) {
+  std::vector<HandlerRange> kept;
+  for (const HandlerRange& h : handlers_) {
+    if (h.end <= start || end <= h.start) {
+      kept.push_back(h);
+      continue;
+    }
+    if (h.start < start) kept.push_back(HandlerRange{h.start, start, h.kind, h.handler});
+    if (end < h.end) kept.push_back(HandlerRange{end, h.end, h.kind, h.handler});
+  }
+  handlers_ = std::move(kept);
+}
+
+void MmMonitor::MoveHandlersLocked(uintptr_t from, uintptr_t to, size_t len) {
+  std::vector<HandlerRange> moved;
+  for (const HandlerRange& h : handlers_) {
+    const uintptr_t s = std::max(h.start, from), e = std::min(h.end, from + len);
+    if (s < e) moved.push_back(HandlerRange{s - from + to, e - from + to, h.kind, h.handler});
+  }
+  TrimHandlersLocked(from, from + len);
+  TrimHandlersLocked(to, to + len);  // whatever was there was unmapped by the mremap
+  handlers_.insert(handlers_.end(), moved.begin(), moved.end());
+}
+
 // ---- self-inflicted removals -------------------------------------------------------------------
 
 uint64_t MmMonitor::ExpectRemove(uintptr_t start, uintptr_t end) {
@@ -466,13 +519,24 @@ void MmMonitor::ReaderLoop() {
               queued_event = true;
               break;
             }
-            case UFFD_EVENT_UNMAP:
+            case UFFD_EVENT_UNMAP: {
+              const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
+              bool expected = std::any_of(expects_.begin(), expects_.end(), [&](const Expect& x) {
+                return x.start <= s && e <= x.end;
+              });
+              if (expected) {
+                // hmmkit replaced the mapping itself and has called ForgetRange.
+                stats_.events_remove_expected++;
+                break;
+              }
               stats_.events_unmap++;
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
+            }
             case UFFD_EVENT_REMAP:
               stats_.events_remap++;
+              pending_remaps_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
@@ -505,14 +569,21 @@ void MmMonitor::EventLoop() {
       FreeMessageLocked(msg);
     }
     switch (m.event) {
-      case UFFD_EVENT_UNMAP:
-        ForgetRegistered(m.arg.remove.start, m.arg.remove.end);
-        tree.Invalidate(NotifierRange{uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end),
-                                      InvalidateEvent::kUnmap, nullptr});
+      case UFFD_EVENT_UNMAP: {
+        const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
+        {
+          MutexLock lock(reg_mu_);
+          IntervalSubtract(registered_, s, e);
+          TrimHandlersLocked(s, e);
+        }
+        tree.Invalidate(NotifierRange{s, e, InvalidateEvent::kUnmap, nullptr});
+        as_.OnCpuPagesGone(s, e);
         break;
+      }
       case UFFD_EVENT_REMOVE:
         tree.Invalidate(NotifierRange{uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end),
                                       InvalidateEvent::kClear, nullptr});
+        as_.OnCpuPagesGone(m.arg.remove.start, m.arg.remove.end);
         break;
       case UFFD_EVENT_REMAP: {
         const uintptr_t from = m.arg.remap.from, to = m.arg.remap.to, len = m.arg.remap.len;
@@ -521,8 +592,11 @@ void MmMonitor::EventLoop() {
           MutexLock lock(reg_mu_);
           IntervalSubtract(registered_, from, from + len);
           IntervalAdd(registered_, to, to + len);
+          MoveHandlersLocked(from, to, len);
         }
         tree.Invalidate(NotifierRange{from, from + len, InvalidateEvent::kUnmap, nullptr});
+        as_.OnCpuPagesMoved(from, to, len);
+        pending_remaps_.fetch_sub(1, std::memory_order_acq_rel);
         break;
       }
       default:
@@ -552,11 +626,18 @@ void MmMonitor::FaultLoop() {
     fault.tid = pid_t(pf.feat.ptid);
 
     FaultHandler* handler = nullptr;
-    {
+    auto find_handler = [&]() EXCLUDES(reg_mu_) {
       MutexLock lock(reg_mu_);
       for (const HandlerRange& h : handlers_)
         if (fault.address >= h.start && fault.address < h.end) handler = h.handler;
       running_handler_ = handler;
+    };
+    find_handler();
+    // A fault at the destination of an mremap can overtake the REMAP event that moves the
+    // handler's range there: let the event thread catch up, then look again.
+    if (!handler && pending_remaps_.load(std::memory_order_acquire) != 0) {
+      Sync();
+      find_handler();
     }
     const uintptr_t pg = fault.address & ~(page - 1);
     if (handler) {
@@ -626,12 +707,12 @@ MmMonitor::Stats MmMonitor::stats() const {
 
 // ---- UFFDIO wrappers ---------------------------------------------------------------------------
 
-Status MmMonitor::Copy(uintptr_t dst, const void* src, size_t len, bool write_protect) {
+Status MmMonitor::Copy(uintptr_t dst, const void* src, size_t len, bool write_protect, bool wake) {
   uffdio_copy c{};
   c.dst = dst;
   c.src = reinterpret_cast<uintptr_t>(src);
   c.len = len;
-  c.mode = write_protect ? UFFDIO_COPY_MODE_WP : 0;
+  c.mode = (write_protect ? UFFDIO_COPY_MODE_WP : 0) | (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE);
   if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_COPY, &c) != 0)
     return Status::FromErrno(errno, "UFFDIO_COPY");
   return Status::Ok();
@@ -674,6 +755,17 @@ Status MmMonitor::Move(uintptr_t dst, uintptr_t src, size_t len) {
   mv.len = len;
   if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_MOVE, &mv) != 0)
     return Status::FromErrno(errno, "UFFDIO_MOVE");
+  return Status::Ok();
+}
+
+Status MmMonitor::Poison(uintptr_t start, size_t len) {
+  if (!(features_ & UFFD_FEATURE_POISON))
+    return Status::FromErrno(ENOTSUP, "UFFDIO_POISON needs Linux 6.6");
+  uffdio_poison p{};
+  p.range.start = start;
+  p.range.len = len;
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_POISON, &p) != 0)
+    return Status::FromErrno(errno, "UFFDIO_POISON");
   return Status::Ok();
 }
 

@@ -60,6 +60,9 @@ Decision DecideSystem(const Vma& vma, const PageState& st, uint64_t req) {
 Decision DecideDevice(const Vma& vma, const PageState& st, const DevicePageInfo& dev, uint64_t req,
                       const void* owner) {
   const bool want_fault = (req & hmm_pfn::kReqFault) != 0;
+  // A device-exclusive page is out of everyone's reach; a fault request revokes exclusivity
+  // (kernel: the fault path restores the page).
+  if (dev.exclusive) return {0, want_fault ? Need::kMigrateBack : Need::kNone};
   if (dev.kind == PageKind::kDevicePrivate) {
     if (dev.owner == owner) {
       uint64_t flags = hmm_pfn::kValid | (dev.writable ? hmm_pfn::kWrite : 0);
@@ -140,7 +143,7 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
     for (size_t i = 0; i < n; ++i) {
       const uint64_t req = RequestOf(r, first + i);
       Decision d =
-          devices && scratch.devices[i].kind != PageKind::kSystem
+          devices && (scratch.devices[i].kind != PageKind::kSystem || scratch.devices[i].exclusive)
               ? DecideDevice(vma, scratch.states[i], scratch.devices[i], req, r.dev_private_owner)
               : DecideSystem(vma, scratch.states[i], req);
       r.hmm_pfns[first + i] = d.entry;

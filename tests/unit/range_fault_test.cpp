@@ -346,60 +346,7 @@ TEST_F(RangeFaultTest, FaultsAreBatchedNotOneCallPerPage) {
   as_.reset();
 }
 
-// ---- device pages ------------------------------------------------------------------------------
-
-// A device page map in miniature: a few pages declared private or coherent.
-class FakeDevicePages : public DevicePageProvider {
- public:
-  size_t LookupRange(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out) override {
-    size_t found = 0;
-    for (auto& [addr, info] : pages)
-      if (addr >= start && addr < end) {
-        out[(addr - start) / PageSize()] = info;
-        ++found;
-      }
-    return found;
-  }
-  Status MigrateToRam(uintptr_t start, uintptr_t end) override {
-    migrated.emplace_back(start, end);
-    for (auto it = pages.begin(); it != pages.end();)
-      it = it->first >= start && it->first < end ? pages.erase(it) : std::next(it);
-    return Status::Ok();
-  }
-  std::map<uintptr_t, DevicePageInfo> pages;
-  std::vector<std::pair<uintptr_t, uintptr_t>> migrated;
-};
-
-TEST_F(RangeFaultTest, DevicePagesAreReportedByOwnerAndOtherOwnersMigrateBackOnFault) {
-  const size_t pg = PageSize();
-  Mapping m(4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  m.page(3)[0] = 1;  // coherent memory is mapped for the CPU
-  int other_owner = 0;
-  FakeDevicePages dev;
-  dev.pages[m.addr() + pg] = {PageKind::kDevicePrivate, owner_, 7, true, 0};
-  dev.pages[m.addr() + 2 * pg] = {PageKind::kDevicePrivate, &other_owner, 8, true, 0};
-  dev.pages[m.addr() + 3 * pg] = {PageKind::kDeviceCoherent, owner_, 9, true, 0};
-  as_->AddDevicePageProvider(dev);
-
-  std::vector<uint64_t> e;
-  ASSERT_TRUE(Fault(m.addr(), m.end(), 0, &e).ok());
-  EXPECT_EQ(e[0], 0u);
-  EXPECT_EQ(Kind(e[1]), PageKind::kDevicePrivate);
-  EXPECT_TRUE(Valid(e[1]) && Writable(e[1]));
-  EXPECT_EQ(Payload(e[1]), 7u);
-  EXPECT_EQ(e[2], 0u) << "another device's private page reads as not present";
-  EXPECT_EQ(Kind(e[3]), PageKind::kDeviceCoherent);
-  EXPECT_EQ(Payload(e[3]), 9u);
-  EXPECT_TRUE(dev.migrated.empty());
-
-  ASSERT_TRUE(Fault(m.addr(), m.end(), kR, &e).ok());
-  ASSERT_EQ(dev.migrated.size(), 1u);
-  EXPECT_EQ(dev.migrated[0].first, m.addr() + 2 * pg);
-  EXPECT_EQ(dev.migrated[0].second, m.addr() + 3 * pg);
-  EXPECT_TRUE(Valid(e[2]));
-  EXPECT_EQ(Kind(e[1]), PageKind::kDevicePrivate) << "own pages stay on the device";
-  as_->RemoveDevicePageProvider(dev);
-}
+// Device pages in range_fault entries are covered with real migrations in migrate_test.cpp.
 
 }  // namespace
 }  // namespace hmmkit::test

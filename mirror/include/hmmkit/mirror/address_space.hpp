@@ -18,7 +18,9 @@
 // descriptors.
 #pragma once
 
+#include <sys/types.h>
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -38,6 +40,9 @@
 namespace hmmkit {
 
 class MmMonitor;
+namespace detail {
+class DeviceEntries;
+}
 
 // How Snapshot decides kExclusive for present private anonymous pages.
 enum class ExclusiveCheck : uint8_t {
@@ -60,6 +65,12 @@ class AddressSpace {
     bool interpose = false;
     size_t granule = 2u << 20;  // userfaultfd registration granule (power of two, >= page size)
     ExclusiveCheck exclusive = ExclusiveCheck::kAuto;
+    // CPU fault on a device-private page: how many pages around it come back with it (a power of
+    // two; the window is aligned and clipped to the VMA). 1 brings back only the faulting page.
+    size_t fault_window = 16;
+    // A page that migrated to a device stays there at least this long before a CPU fault takes
+    // it back (the fault waits), so CPU and device sharing a page do not ping-pong. 0 disables.
+    std::chrono::milliseconds migrate_timeslice{0};
   };
 
   // Errors: ENOTSUP (interposition asked for but not loaded; the message says how to load it), the
@@ -100,16 +111,25 @@ class AddressSpace {
   // range).
   Status Populate(uintptr_t start, uintptr_t end, bool write) const;
 
-  // ---- Device pages (driver/) -----------------------------------------------------------------
-  // Registers a provider consulted by range_fault. The provider must be removed before it dies.
-  void AddDevicePageProvider(DevicePageProvider& provider) EXCLUDES(providers_mu_);
-  void RemoveDevicePageProvider(DevicePageProvider& provider) EXCLUDES(providers_mu_);
-  // Looks the range up in every provider; returns how many device pages were found.
-  size_t LookupDevicePages(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out)
-      EXCLUDES(providers_mu_);
-  // Calls MigrateToRam on the provider(s) owning pages in [start, end).
-  Status MigrateDevicePagesToRam(uintptr_t start, uintptr_t end) EXCLUDES(providers_mu_);
-  bool has_device_pages() const { return provider_count_.load(std::memory_order_acquire) != 0; }
+  // ---- Device pages (migrate.hpp) -------------------------------------------------------------
+  // What lives on a device in [start, end): out[i] for each page (kSystem where nothing does).
+  // Returns how many device (or device-exclusive) pages were found. Never blocks on a migration.
+  size_t LookupDevicePages(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out);
+  // Brings every device-private and device-exclusive page in [start, end) back to system memory
+  // (each through its pagemap's MigrateToRam). Errors: the first failure.
+  Status MigrateDevicePagesToRam(uintptr_t start, uintptr_t end);
+  // Pages recorded on devices (device entries) right now.
+  size_t device_page_count() const;
+  bool has_device_pages() const { return device_page_count() != 0; }
+  // The pid that created this AddressSpace. In a forked child the object is inherited but dead
+  // (no monitor threads, the parent's descriptors): create a new one there.
+  pid_t creator_pid() const { return creator_pid_; }
+
+  // Called by the monitor's event thread after userfaultfd reported that the CPU pages of
+  // [start, end) are gone (unmap, clear) or moved (mremap); device entries follow. Not for drivers.
+  void OnCpuPagesGone(uintptr_t start, uintptr_t end);
+  void OnCpuPagesMoved(uintptr_t from, uintptr_t to, size_t len);
+  detail::DeviceEntries& device_entries() { return *entries_; }
 
   // Forks seen so far (pthread_atfork in either process, userfaultfd FORK events).
   static uint64_t fork_generation();
@@ -128,11 +148,8 @@ class AddressSpace {
   NotifierTree notifiers_;
   std::unique_ptr<MmMonitor> monitor_;
 
-  // Leaf lock: held across LookupRange (providers must not call back into AddressSpace), not across
-  // MigrateToRam.
-  mutable Mutex providers_mu_;
-  std::vector<DevicePageProvider*> providers_ GUARDED_BY(providers_mu_);
-  std::atomic<size_t> provider_count_{0};
+  std::unique_ptr<detail::DeviceEntries> entries_;
+  pid_t creator_pid_ = 0;
 
   friend class VmaReader;
   friend class PageReader;

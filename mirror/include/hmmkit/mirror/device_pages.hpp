@@ -1,6 +1,17 @@
-// The seam through which device memory (driver/, issue 3) tells range_fault what lives at an
-// address whose CPU page is gone (device-private) or is device memory the CPU can reach
-// (device-coherent).
+// Device pages as the CPU side sees them (kernel: ZONE_DEVICE pages, struct dev_pagemap and
+// dev_pagemap_ops).
+//
+// A device's memory is described to mirror/ by a DevicePagemap, implemented by the driver
+// (driver/device_memory.hpp). When a migration (migrate.hpp) moves a CPU page onto a device page,
+// the AddressSpace records a *device entry* at that address (the kernel's device-private swap
+// entry): which pagemap, which page, whether the CPU mapping was writable. The entry holds one
+// page reference (GetPage) until the page leaves the address (migrated back, unmapped, evicted).
+//
+// What the CPU sees at a device entry depends on the pagemap's kind:
+//   kDevicePrivate   nothing: the CPU page is zapped; a touch faults into the monitor, which calls
+//                    the pagemap's MigrateToRam (kernel: migrate_to_ram) and resumes the thread.
+//   kDeviceCoherent  the device page itself, mapped at the address (a shared mapping of the
+//                    device arena), so the CPU reads and writes it without a fault.
 #pragma once
 
 #include <cstddef>
@@ -10,6 +21,8 @@
 #include "hmmkit/base/status.hpp"
 
 namespace hmmkit {
+
+class AddressSpace;
 
 // What a range_fault entry says the page is. Values are stored in the entry (range_fault.hpp).
 enum class PageKind : uint8_t {
@@ -26,23 +39,54 @@ struct DevicePageInfo {
   uint64_t id = 0;                    // the device's page id (reported in the entry payload)
   bool writable = false;
   uint8_t order = 0;
+  // Device-exclusive entries (make_device_exclusive): the page is system memory taken out of the
+  // CPU's reach for the device `owner`; `data` is where its bytes are while it is exclusive.
+  bool exclusive = false;
+  void* data = nullptr;
 };
 
-// Implemented by device page maps. Owned by the driver; registered with AddressSpace and removed
-// before it is destroyed.
-class DevicePageProvider {
+// One device's memory. Implemented by the driver; registered implicitly by the device entries
+// that point at it. Lifetime rule (kernel: the pgmap outlives every page reference): a pagemap must
+// not be destroyed while any of its pages is referenced; the driver evicts them first
+// (MigrateDevicePages in migrate.hpp) and waits for the references to drop.
+class DevicePagemap {
  public:
-  virtual ~DevicePageProvider() = default;
+  virtual ~DevicePagemap() = default;
 
-  // Required. Fills out[i] for the page at start + i * page size, leaving kSystem where the
-  // provider has no page; returns how many device pages it found. Context: the range_fault caller's
-  // thread, no hmmkit lock held. Must not block on a lock held across an Invalidate callback.
-  virtual size_t LookupRange(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out) = 0;
+  // Required, constant. The owner token (kernel: pgmap->owner). Devices that share an owner see
+  // each other's private pages as local.
+  virtual const void* owner() const = 0;
+  // Required, constant. kDevicePrivate or kDeviceCoherent.
+  virtual PageKind kind() const = 0;
 
-  // Required. Moves the device pages in [start, end) back to system memory (kernel: migrate_to_ram,
-  // taken when a fault asks for a page another owner holds privately). Same context as LookupRange.
-  // Errors: whatever the migration returns; range_fault passes them to its caller.
-  virtual Status MigrateToRam(uintptr_t start, uintptr_t end) = 0;
+  // Required. Page references (kernel: get_page/put_page on a ZONE_DEVICE page). Called from any
+  // thread, with AddressSpace locks held: must not block and must not call back into mirror/. When
+  // the last reference drops the pagemap frees the page (kernel: page_free).
+  virtual void GetPage(uint64_t id) = 0;
+  virtual void PutPage(uint64_t id) = 0;
+
+  // Required. The CPU address of the page's bytes (device memory is mapped into the process), used
+  // to copy a page back when no DMA engine is involved (fork, teardown) and, for coherent
+  // pagemaps, to map the page at the application's address. Never blocks.
+  virtual void* PageData(uint64_t id) = 0;
+  // Required for coherent pagemaps: the file descriptor and offset that map PageData(id)
+  // (MAP_SHARED). Private pagemaps return -1.
+  virtual int ArenaFd() const { return -1; }
+  virtual uint64_t ArenaOffset(uint64_t /*id*/) const { return 0; }
+
+  // Optional. Copies device pages to system buffers (the driver's DMA engine). The default copies
+  // with memcpy from PageData. Context: the thread running the migration back (the monitor's fault
+  // thread for CPU faults): must not touch mirrored CPU memory that could fault. Errors: the first
+  // failed copy; no page is committed then.
+  virtual Status CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst);
+
+  // Optional (kernel: dev_pagemap_ops.migrate_to_ram). Called when the CPU touches a private page
+  // at `addr` (the monitor's fault thread) or a device asks for it (range_fault on another owner's
+  // page, the caller's thread). Must bring at least [addr, addr + page) back to system memory, or
+  // return an error (the faulting thread then gets SIGBUS). The default migrates the page and its
+  // neighbours within AddressSpace::Options::fault_window with MigrateVma (SELECT_DEVICE_PRIVATE)
+  // and CopyToRam.
+  virtual Status MigrateToRam(AddressSpace& as, uintptr_t addr);
 };
 
 }  // namespace hmmkit

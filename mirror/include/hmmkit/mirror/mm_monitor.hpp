@@ -114,12 +114,23 @@ class MmMonitor {
   Status AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& handler) EXCLUDES(reg_mu_);
   // Removes the routing; after return the handler is not running and will not be called.
   void RemoveFaultHandler(FaultHandler& handler) EXCLUDES(reg_mu_);
+  // Routes [start, end) to `handler` where it is not routed already (the parts covered by other
+  // handlers are left alone), clipped to the VMA containing `start`. Handler ranges follow their
+  // VMA: an unmap drops them, an mremap moves them. Errors: as AddFaultHandler.
+  Status RouteFaults(uintptr_t start, uintptr_t end, FaultHandler& handler) EXCLUDES(reg_mu_);
+  // mremap events read but not yet dispatched (a fault handler that looks up state keyed by
+  // address calls Sync first when this is non-zero).
+  uint64_t pending_remaps() const { return pending_remaps_.load(std::memory_order_acquire); }
 
-  // Announces that hmmkit itself is about to MADV_DONTNEED [start, end) (after raising kMigrate),
-  // so that the REMOVE event it causes is not reported again as kClear. Returns a token for
-  // EndExpect.
+  // Announces that hmmkit itself is about to MADV_DONTNEED or remap [start, end) (after raising
+  // kMigrate), so that the REMOVE or UNMAP event it causes is not reported again as kClear/kUnmap.
+  // After replacing a mapping, the caller calls ForgetRange (the old registration died with it).
+  // Returns a token for EndExpect.
   uint64_t ExpectRemove(uintptr_t start, uintptr_t end) EXCLUDES(queue_mu_);
   void EndExpect(uint64_t token) EXCLUDES(queue_mu_);
+  // hmmkit replaced the mapping of [start, end) itself (mmap MAP_FIXED, mremap): forget its
+  // registration and fault routing now, synchronously.
+  void ForgetRange(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
 
   // Waits until every event of an operation that returned before this call has been dispatched
   // (its invalidations have run). Called from a callback on the event thread it returns at once.
@@ -128,11 +139,16 @@ class MmMonitor {
   // ---- Resolving faults (FaultHandler) and driving migrations (driver/) -----------------------
   // Thin wrappers of the UFFDIO_* ioctls; EAGAIN (the mm is changing) and EEXIST (someone else
   // filled the page) are returned to the caller, which decides; EINTR is retried.
-  Status Copy(uintptr_t dst, const void* src, size_t len, bool write_protect = false);
+  // wake = false leaves threads faulting on [dst, dst + len) asleep until Wake (so state that
+  // describes the page can change first).
+  Status Copy(uintptr_t dst, const void* src, size_t len, bool write_protect = false,
+              bool wake = true);
   Status ZeroPage(uintptr_t dst, size_t len);
   Status WriteProtect(uintptr_t start, size_t len, bool protect);
   Status Wake(uintptr_t start, size_t len);
   Status Move(uintptr_t dst, uintptr_t src, size_t len);  // ENOTSUP without UFFDIO_MOVE
+  // Marks [start, start + len) poisoned: a CPU access raises SIGBUS. ENOTSUP without UFFDIO_POISON.
+  Status Poison(uintptr_t start, size_t len);
 
   // Synchronous notification from the interposer, called on the application thread before the
   // change. Public for the interposition glue; drivers do not call it.
@@ -151,6 +167,8 @@ class MmMonitor {
   Status RegisterLocked(uintptr_t start, uintptr_t end, VmaKind kind, bool missing)
       REQUIRES(reg_mu_);
   void ForgetRegistered(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
+  void TrimHandlersLocked(uintptr_t start, uintptr_t end) REQUIRES(reg_mu_);
+  void MoveHandlersLocked(uintptr_t from, uintptr_t to, size_t len) REQUIRES(reg_mu_);
 
   struct Message;  // a queued userfaultfd message or a Sync barrier
   // Intrusive FIFO of messages; nodes come from the monitor's mmap-backed pool, so the reader
@@ -207,6 +225,8 @@ class MmMonitor {
 
   mutable Mutex stats_mu_;
   Stats stats_ GUARDED_BY(stats_mu_);
+
+  std::atomic<uint64_t> pending_remaps_{0};
 
   std::thread reader_;
   std::thread event_thread_;

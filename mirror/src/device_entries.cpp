@@ -1,0 +1,340 @@
+// DeviceEntries: the table of CPU addresses whose pages live on a device, and the fault handler
+// that brings them back.
+#include "device_entries.hpp"
+
+#include <fmt/format.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "hmmkit/base/log.hpp"
+#include "hmmkit/mirror/address_space.hpp"
+#include "hmmkit/mirror/migrate.hpp"
+
+namespace hmmkit::detail {
+
+// ---- StagingPool -------------------------------------------------------------------------------
+
+namespace {
+constexpr size_t kSlab = 2u << 20;
+}
+
+StagingPool::~StagingPool() {
+  MutexLock lock(mu_);
+  for (void* s : slabs_) ::munmap(s, kSlab);
+}
+
+void* StagingPool::Alloc() {
+  MutexLock lock(mu_);
+  if (free_.empty()) {
+    void* slab = ::mmap(nullptr, kSlab, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (slab == MAP_FAILED) return nullptr;
+    slabs_.push_back(slab);
+    for (size_t off = kSlab; off > 0; off -= page_)
+      free_.push_back(static_cast<char*>(slab) + off - page_);
+  }
+  void* p = free_.back();
+  free_.pop_back();
+  return p;
+}
+
+void StagingPool::Free(void* p) {
+  if (!p) return;
+  MutexLock lock(mu_);
+  free_.push_back(p);
+}
+
+// ---- DeviceEntries -----------------------------------------------------------------------------
+
+DeviceEntries::DeviceEntries(AddressSpace& as)
+    : as_(as), page_(as.features().page_size), staging_(as.features().page_size) {}
+
+DeviceEntries::~DeviceEntries() {
+  // The monitor is gone by now (AddressSpace resets it first); drop what is left.
+  std::vector<DeviceEntry> left;
+  {
+    MutexLock lock(mu_);
+    for (auto& [va, e] : entries_) left.push_back(e);
+    entries_.clear();
+    reverse_.clear();
+  }
+  if (!left.empty())
+    Log().warn("AddressSpace teardown: {} device pages dropped without eviction", left.size());
+  for (const DeviceEntry& e : left) ReleaseEntry(e);
+}
+
+void DeviceEntries::ReleaseEntry(const DeviceEntry& e) {
+  if (e.exclusive) {
+    staging_.Free(e.data);
+  } else if (e.pagemap) {
+    e.pagemap->PutPage(e.id);
+  }
+}
+
+void DeviceEntries::EraseLocked(std::map<uintptr_t, DeviceEntry>::iterator it) {
+  if (!it->second.exclusive) reverse_.erase(PageKey{it->second.pagemap, it->second.id});
+  entries_.erase(it);
+}
+
+size_t DeviceEntries::Lookup(uintptr_t start, uintptr_t end, std::span<DevicePageInfo> out) {
+  std::fill(out.begin(), out.end(), DevicePageInfo{});
+  size_t found = 0;
+  MutexLock lock(mu_);
+  for (auto it = entries_.lower_bound(start); it != entries_.end() && it->first < end; ++it) {
+    const DeviceEntry& e = it->second;
+    DevicePageInfo& info = out[(it->first - start) / page_];
+    if (e.exclusive) {
+      info.kind = PageKind::kSystem;
+      info.exclusive = true;
+      info.owner = e.exclusive_owner;
+      info.data = e.data;
+      info.writable = e.writable;
+    } else {
+      info.kind = e.pagemap->kind();
+      info.owner = e.pagemap->owner();
+      info.id = e.id;
+      info.writable = e.writable;
+    }
+    ++found;
+  }
+  return found;
+}
+
+bool DeviceEntries::Find(uintptr_t va, DeviceEntry* out) {
+  MutexLock lock(mu_);
+  auto it = entries_.find(va);
+  if (it == entries_.end()) return false;
+  if (out) *out = it->second;
+  return true;
+}
+
+void DeviceEntries::Insert(uintptr_t va, const DeviceEntry& e) {
+  DeviceEntry old;
+  bool replaced = false;
+  {
+    MutexLock lock(mu_);
+    auto it = entries_.find(va);
+    if (it != entries_.end()) {
+      old = it->second;
+      replaced = true;
+      EraseLocked(it);
+    }
+    entries_[va] = e;
+    if (!e.exclusive) reverse_[PageKey{e.pagemap, e.id}] = va;
+  }
+  if (replaced) {
+    Log().error("device entries: {:#x} already had a device page; the old one is released", va);
+    ReleaseEntry(old);
+  }
+}
+
+bool DeviceEntries::Take(uintptr_t va, DeviceEntry* out) {
+  MutexLock lock(mu_);
+  auto it = entries_.find(va);
+  if (it == entries_.end()) return false;
+  *out = it->second;
+  EraseLocked(it);
+  return true;
+}
+
+std::vector<std::pair<uintptr_t, DeviceEntry>> DeviceEntries::Collect(uintptr_t start,
+                                                                      uintptr_t end) {
+  std::vector<std::pair<uintptr_t, DeviceEntry>> out;
+  MutexLock lock(mu_);
+  for (auto it = entries_.lower_bound(start); it != entries_.end() && it->first < end; ++it)
+    out.emplace_back(it->first, it->second);
+  return out;
+}
+
+uintptr_t DeviceEntries::AddressOf(const DevicePagemap* pagemap, uint64_t id) {
+  MutexLock lock(mu_);
+  auto it = reverse_.find(PageKey{pagemap, id});
+  return it == reverse_.end() ? 0 : it->second;
+}
+
+bool DeviceEntries::empty() const {
+  MutexLock lock(mu_);
+  return entries_.empty();
+}
+
+size_t DeviceEntries::size() const {
+  MutexLock lock(mu_);
+  return entries_.size();
+}
+
+void DeviceEntries::DropRange(uintptr_t start, uintptr_t end) {
+  std::vector<DeviceEntry> dropped;
+  {
+    MutexLock lock(mu_);
+    for (auto it = entries_.lower_bound(start); it != entries_.end() && it->first < end;) {
+      dropped.push_back(it->second);
+      auto next = std::next(it);
+      EraseLocked(it);
+      it = next;
+    }
+  }
+  for (const DeviceEntry& e : dropped) ReleaseEntry(e);
+}
+
+void DeviceEntries::MoveRange(uintptr_t from, uintptr_t to, size_t len) {
+  std::vector<DeviceEntry> dropped;
+  {
+    MutexLock lock(mu_);
+    std::vector<std::pair<uintptr_t, DeviceEntry>> moving;
+    for (auto it = entries_.lower_bound(from); it != entries_.end() && it->first < from + len;) {
+      moving.emplace_back(it->first - from + to, it->second);
+      auto next = std::next(it);
+      EraseLocked(it);
+      it = next;
+    }
+    // Whatever was mapped at the destination was unmapped by the mremap.
+    for (auto it = entries_.lower_bound(to); it != entries_.end() && it->first < to + len;) {
+      dropped.push_back(it->second);
+      auto next = std::next(it);
+      EraseLocked(it);
+      it = next;
+    }
+    for (auto& [va, e] : moving) {
+      entries_[va] = e;
+      if (!e.exclusive) reverse_[PageKey{e.pagemap, e.id}] = va;
+    }
+  }
+  for (const DeviceEntry& e : dropped) ReleaseEntry(e);
+}
+
+// ---- migrations in flight ----------------------------------------------------------------------
+
+void DeviceEntries::BeginMigration(uintptr_t start, uintptr_t end) {
+  MutexLock lock(mu_);
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) {
+    return std::none_of(migrating_.begin(), migrating_.end(),
+                        [&](const auto& r) { return r.first < end && start < r.second; });
+  });
+  migrating_.emplace_back(start, end);
+}
+
+void DeviceEntries::EndMigration(uintptr_t start, uintptr_t end) {
+  {
+    MutexLock lock(mu_);
+    auto it = std::find(migrating_.begin(), migrating_.end(), std::make_pair(start, end));
+    if (it != migrating_.end()) migrating_.erase(it);
+  }
+  cv_.NotifyAll();
+}
+
+void DeviceEntries::WaitNoMigration(uintptr_t va) {
+  MutexLock lock(mu_);
+  cv_.Wait(mu_, [&]() REQUIRES(mu_) {
+    return std::none_of(migrating_.begin(), migrating_.end(),
+                        [&](const auto& r) { return r.first <= va && va < r.second; });
+  });
+}
+
+// ---- pins --------------------------------------------------------------------------------------
+
+void DeviceEntries::Pin(uintptr_t start, uintptr_t end) {
+  MutexLock lock(mu_);
+  pins_.emplace(start, end);
+}
+
+void DeviceEntries::Unpin(uintptr_t start, uintptr_t end) {
+  MutexLock lock(mu_);
+  auto it = pins_.find(std::make_pair(start, end));
+  if (it != pins_.end()) pins_.erase(it);
+}
+
+bool DeviceEntries::Pinned(uintptr_t va) {
+  MutexLock lock(mu_);
+  for (const auto& [s, e] : pins_)
+    if (s <= va && va < e) return true;
+  return false;
+}
+
+// ---- fault routing -----------------------------------------------------------------------------
+
+Status DeviceEntries::EnsureRouted(uintptr_t start, uintptr_t end) {
+  MmMonitor* monitor = as_.monitor();
+  if (!monitor)
+    return Status::FromErrno(ENOTSUP,
+                             "device memory needs the userfaultfd monitor (see `hmmctl info`)");
+  auto vma = as_.FindVma(start);
+  if (!vma.ok()) return vma.status();
+  if (!*vma) return Status::FromErrno(EINVAL, fmt::format("no VMA at {:#x}", start));
+  const uintptr_t g = as_.options().granule;
+  const uintptr_t s = std::max((*vma)->start, start & ~(g - 1));
+  const uintptr_t e = std::min((*vma)->end, (end + g - 1) & ~(g - 1));
+  return monitor->RouteFaults(s, e, *this);
+}
+
+Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
+  const uintptr_t pg = fault.address & ~(page_ - 1);
+  WaitNoMigration(pg);
+  // A fault at the destination of an mremap can overtake the REMAP event that moves the entries.
+  if (monitor.pending_remaps() != 0) monitor.Sync();
+
+  DeviceEntry e;
+  if (!Find(pg, &e)) {
+    // An ordinary page of a routed range: resolve as the kernel would have.
+    Status st = fault.wp ? monitor.WriteProtect(pg, page_, false) : monitor.ZeroPage(pg, page_);
+    if (!st.ok()) monitor.Wake(pg, page_).IgnoreError();
+    return Status::Ok();
+  }
+  if (fault.wp) {
+    // The writer hit the page while it was write-protected for a migration that has since zapped
+    // it: let it retry, it takes the missing-page path.
+    return monitor.Wake(pg, page_);
+  }
+  Status st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
+  if (st.ok() && !Find(pg, nullptr)) return Status::Ok();
+  if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
+  // The data cannot come back: the access must fail, never read zeros (kernel: VM_FAULT_SIGBUS).
+  Log().error("CPU fault at {:#x}: device page not migrated back ({}); poisoning the page",
+              fault.address, st.ToString());
+  if (!monitor.Poison(pg, page_).ok()) monitor.Wake(pg, page_).IgnoreError();
+  return Status::Ok();
+}
+
+// ---- exclusive pages and eviction
+// ----------------------------------------------------------------
+
+Status DeviceEntries::RestoreExclusive(uintptr_t start, uintptr_t end) {
+  MmMonitor* monitor = as_.monitor();
+  for (auto& [va, e] : Collect(start, end)) {
+    if (!e.exclusive) continue;
+    BeginMigration(va, va + page_);
+    DeviceEntry taken;
+    if (Find(va, &taken) && taken.exclusive) {
+      // The device loses its mapping first, so its last writes are in `data`.
+      as_.notifiers().Invalidate(
+          NotifierRange{va, va + page_, InvalidateEvent::kExclusive, nullptr});
+      Status st = monitor ? monitor->Copy(va, taken.data, page_, false, /*wake=*/false)
+                          : Status::FromErrno(ENOTSUP, "no monitor");
+      if (!st.ok() && st.errno_value() != ENOENT) {
+        EndMigration(va, va + page_);
+        return Status::FromErrno(
+            st.errno_value(), fmt::format("restoring exclusive page {:#x}: {}", va, st.ToString()));
+      }
+      if (Take(va, &taken)) ReleaseEntry(taken);
+      if (monitor) monitor->Wake(va, page_).IgnoreError();
+    }
+    EndMigration(va, va + page_);
+  }
+  return Status::Ok();
+}
+
+Status DeviceEntries::EvictAll() {
+  HMMKIT_RETURN_IF_ERROR(RestoreExclusive(0, UINTPTR_MAX));
+  std::map<DevicePagemap*, std::vector<uint64_t>> by_pagemap;
+  for (auto& [va, e] : Collect(0, UINTPTR_MAX))
+    if (!e.exclusive) by_pagemap[e.pagemap].push_back(e.id);
+  Status first = Status::Ok();
+  for (auto& [pm, ids] : by_pagemap) {
+    Status st = MigrateDevicePages(as_, *pm, ids);
+    if (!st.ok() && first.ok()) first = st;
+  }
+  return first;
+}
+
+}  // namespace hmmkit::detail

@@ -1,0 +1,102 @@
+// pthread_atfork handlers that keep device pages from being lost across fork (fork_guard.hpp).
+#include "fork_guard.hpp"
+
+#include <pthread.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "device_entries.hpp"
+#include "hmmkit/base/log.hpp"
+#include "hmmkit/base/mutex.hpp"
+#include "hmmkit/mirror/address_space.hpp"
+
+namespace hmmkit {
+
+namespace {
+
+// Leaked on purpose: atfork handlers may run during exit, after static destructors.
+struct Registry {
+  Mutex mu;
+  std::vector<AddressSpace*> spaces GUARDED_BY(mu);
+};
+Registry& Reg() {
+  static Registry* r = new Registry;
+  return *r;
+}
+
+std::shared_mutex* g_fork_lock = new std::shared_mutex;
+bool g_fork_locked = false;  // only touched by the forking thread between prepare and parent/child
+
+void Prepare() NO_THREAD_SAFETY_ANALYSIS {
+  Registry& r = Reg();
+  r.mu.lock();  // released in Parent/Child: keeps every AddressSpace alive across the fork
+  const pid_t self = ::getpid();
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    for (AddressSpace* as : r.spaces) {
+      if (as->creator_pid() != self || !as->has_device_pages()) continue;
+      Status st = as->device_entries().EvictAll();
+      if (!st.ok()) Log().error("fork: device pages not evicted: {}", st.ToString());
+    }
+    g_fork_lock->lock();
+    const bool clean = std::none_of(r.spaces.begin(), r.spaces.end(), [&](AddressSpace* as) {
+      return as->creator_pid() == self && as->has_device_pages();
+    });
+    if (clean || attempt == 3) {
+      if (!clean)
+        Log().error("fork: device pages keep arriving; the child reads zeros where they are");
+      g_fork_locked = true;
+      return;
+    }
+    g_fork_lock->unlock();
+  }
+}
+
+void Release() NO_THREAD_SAFETY_ANALYSIS {
+  if (g_fork_locked) {
+    g_fork_locked = false;
+    g_fork_lock->unlock();
+  }
+  Reg().mu.unlock();
+}
+
+void Parent() NO_THREAD_SAFETY_ANALYSIS {
+  // Every private page is copy-on-write shared with the child now: no mirror keeps write access.
+  const pid_t self = ::getpid();
+  std::vector<AddressSpace*> spaces = Reg().spaces;
+  Release();
+  for (AddressSpace* as : spaces) {
+    if (as->creator_pid() != self) continue;
+    as->notifiers().Invalidate(
+        NotifierRange{0, UINTPTR_MAX, InvalidateEvent::kProtectionPage, nullptr});
+  }
+}
+
+void Child() NO_THREAD_SAFETY_ANALYSIS {
+  Release();
+}
+
+[[maybe_unused]] const bool g_registered = [] {
+  pthread_atfork(Prepare, Parent, Child);
+  return true;
+}();
+
+}  // namespace
+
+std::shared_mutex& ForkMigrationLock() {
+  return *g_fork_lock;
+}
+
+void ForkGuardAdd(AddressSpace& as) {
+  MutexLock lock(Reg().mu);
+  Reg().spaces.push_back(&as);
+}
+
+void ForkGuardRemove(AddressSpace& as) {
+  MutexLock lock(Reg().mu);
+  auto& v = Reg().spaces;
+  v.erase(std::remove(v.begin(), v.end(), &as), v.end());
+}
+
+}  // namespace hmmkit

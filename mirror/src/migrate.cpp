@@ -1,0 +1,545 @@
+// MigrateVma setup/pages/finalize over the real address space. See migrate.hpp for the contract
+// and docs/migration.md for how each kernel step maps to userfaultfd and madvise.
+#include "hmmkit/mirror/migrate.hpp"
+
+#include <fmt/format.h>
+#include <sys/mman.h>
+
+#include <unistd.h>
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "device_entries.hpp"
+#include "fork_guard.hpp"
+#include "hmmkit/base/log.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
+#include "hmmkit/mirror/notifier.hpp"
+
+namespace hmmkit {
+
+namespace detail {
+
+// Everything a migration holds between Setup and Finalize. Its subscription records CPU-side
+// changes (unmap, clear) that race with the migration: those pages are not committed.
+struct MigrateState final : IntervalNotifierOps {
+  AddressSpace* as = nullptr;
+  DeviceEntries* entries = nullptr;
+  MmMonitor* monitor = nullptr;
+  size_t page = 4096;
+  Vma vma;
+  bool to_device = true;
+  std::shared_lock<std::shared_mutex> fork_lock;
+  IntervalNotifier sub;
+  std::unique_ptr<NotifierTree::Scope> scope;
+  std::vector<uint8_t> write_protected;  // per page: Setup write-protected it
+  std::vector<uint8_t> committed;        // per page: Pages committed it
+  void* staging = nullptr;
+  size_t staging_len = 0;
+
+  Mutex mu;
+  std::vector<std::pair<uintptr_t, uintptr_t>> gone GUARDED_BY(mu);
+
+  void Invalidate(IntervalNotifier&, const NotifierRange& r, uint64_t) override {
+    // Migrations and exclusivity changes are serialized with this one; only the application's
+    // own changes (unmap, clear, protection) make a collected page stale.
+    if (r.event == InvalidateEvent::kMigrate || r.event == InvalidateEvent::kExclusive ||
+        r.event == InvalidateEvent::kProtectionPage)
+      return;
+    MutexLock lock(mu);
+    gone.emplace_back(r.start, r.end);
+  }
+  bool Gone(uintptr_t va) {
+    MutexLock lock(mu);
+    return std::any_of(gone.begin(), gone.end(),
+                       [&](const auto& g) { return g.first <= va && va < g.second; });
+  }
+};
+
+}  // namespace detail
+
+namespace {
+
+using detail::DeviceEntry;
+using detail::MigrateState;
+
+Status Invalid(const std::string& why) {
+  return Status::FromErrno(EINVAL, "migrate_vma: " + why);
+}
+
+// Calls fn(first, count) for each run of consecutive indices where pred(i) holds.
+template <class Pred, class Fn>
+void ForEachRun(size_t n, Pred pred, Fn fn) {
+  for (size_t i = 0; i < n;) {
+    if (!pred(i)) {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < n && pred(j)) ++j;
+    fn(i, j - i);
+    i = j;
+  }
+}
+
+int ProtOf(const Vma& vma) {
+  return (vma.read ? PROT_READ : 0) | (vma.write ? PROT_WRITE : 0) | (vma.exec ? PROT_EXEC : 0);
+}
+
+// Zaps [va, va + len) of a private mapping without reporting it as the application's clear.
+Status ZapOwn(AddressSpace& as, MmMonitor& monitor, uintptr_t va, size_t len) {
+  const uint64_t token = monitor.ExpectRemove(va, va + len);
+  int rc = as.sys().Madvise(reinterpret_cast<void*>(va), len, MADV_DONTNEED);
+  int err = errno;
+  monitor.EndExpect(token);
+  if (rc != 0) return Status::FromErrno(err, fmt::format("MADV_DONTNEED {:#x}+{:#x}", va, len));
+  return Status::Ok();
+}
+
+// Maps device pages [id, id + n) of a coherent pagemap at va (replacing the anon pages).
+Status MapCoherent(MmMonitor& monitor, const Vma& vma, DevicePagemap& pm, uintptr_t va,
+                   uint64_t first_id, size_t n, size_t page) {
+  const uint64_t token = monitor.ExpectRemove(va, va + n * page);
+  void* p = ::mmap(reinterpret_cast<void*>(va), n * page, ProtOf(vma), MAP_SHARED | MAP_FIXED,
+                   pm.ArenaFd(), off_t(pm.ArenaOffset(first_id)));
+  int err = errno;
+  monitor.EndExpect(token);
+  if (p == MAP_FAILED)
+    return Status::FromErrno(err, fmt::format("mapping coherent device pages at {:#x}", va));
+  monitor.ForgetRange(va, va + n * page);
+  // The new VMA is not registered: watch it so its unmaps and clears are seen.
+  return monitor.EnsureWatched(va, va + n * page);
+}
+
+// Puts the staging pages [src, src + len) at va with their data (coherent pages going back).
+Status MoveStagingOver(MmMonitor& monitor, const Vma& vma, uintptr_t va, void* src, size_t len,
+                       detail::DeviceEntries& entries) {
+  if (::mprotect(src, len, ProtOf(vma)) != 0)
+    return Status::FromErrno(errno, "mprotect of staging pages");
+  const uint64_t token = monitor.ExpectRemove(va, va + len);
+  void* p = ::mremap(src, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(va));
+  int err = errno;
+  monitor.EndExpect(token);
+  if (p == MAP_FAILED)
+    return Status::FromErrno(err, fmt::format("moving system pages back to {:#x}", va));
+  monitor.ForgetRange(va, va + len);
+  HMMKIT_RETURN_IF_ERROR(monitor.EnsureWatched(va, va + len));
+  return entries.EnsureRouted(va, va + len);
+}
+
+}  // namespace
+
+Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
+  const size_t page = as.features().page_size;
+  if (m.state) return Invalid("already set up");
+  if (m.start >= m.end || ((m.start | m.end) & (page - 1))) return Invalid("bad range");
+  const size_t n = (m.end - m.start) / page;
+  if (m.src.size() < n || m.dst.size() < n) return Invalid("src/dst shorter than the range");
+  const uint32_t select = m.flags & (kSelectSystem | kSelectDevicePrivate | kSelectDeviceCoherent);
+  if (select == 0) return Invalid("no MigrateSelect flag");
+  if ((select & kSelectSystem) && (select & ~kSelectSystem))
+    return Invalid("select either system or device pages, not both");
+  const bool to_device = select == kSelectSystem;
+  if (to_device && !m.dst_pagemap) return Invalid("kSelectSystem needs dst_pagemap");
+  if (!to_device && !m.src_pagemap) return Invalid("device selection needs src_pagemap");
+  if (!to_device && m.src_pagemap->owner() != m.pgmap_owner)
+    return Invalid("src_pagemap's owner is not pgmap_owner");
+  MmMonitor* monitor = as.monitor();
+  if (!monitor)
+    return Status::FromErrno(ENOTSUP,
+                             "migrate_vma needs the userfaultfd monitor (see `hmmctl info`)");
+  auto vma = as.FindVma(m.start);
+  if (!vma.ok()) return vma.status();
+  if (!*vma) return Invalid(fmt::format("no VMA at {:#x}", m.start));
+  if ((*vma)->end < m.end) return Invalid("the range spans more than one VMA");
+
+  std::fill_n(m.src.begin(), n, 0);
+  std::fill_n(m.dst.begin(), n, 0);
+  m.npages = n;
+  m.cpages = 0;
+
+  auto st = std::make_shared<MigrateState>();
+  st->as = &as;
+  st->entries = &as.device_entries();
+  st->monitor = monitor;
+  st->page = page;
+  st->vma = **vma;
+  st->to_device = to_device;
+  st->write_protected.assign(n, 0);
+  st->committed.assign(n, 0);
+  st->fork_lock = std::shared_lock<std::shared_mutex>(ForkMigrationLock());
+
+  const bool system_ok = to_device && st->vma.migratable() && st->vma.accessible();
+  if (system_ok) {
+    // Missing-page faults in the range must reach hmmkit before anything is zapped.
+    Status routed = st->entries->EnsureRouted(m.start, m.end);
+    if (!routed.ok()) return routed;
+  }
+  st->entries->BeginMigration(m.start, m.end);
+  HMMKIT_RETURN_IF_ERROR(as.notifiers().Insert(st->sub, m.start, m.end - m.start, *st));
+  st->scope = std::make_unique<NotifierTree::Scope>(
+      as.notifiers(), NotifierRange{m.start, m.end, InvalidateEvent::kMigrate, m.pgmap_owner});
+
+  std::vector<PageState> states(n);
+  std::vector<DevicePageInfo> dev(n);
+  Status snap = as.SnapshotInVma(st->vma, m.start, m.end, states);
+  as.LookupDevicePages(m.start, m.end, dev);
+  if (!snap.ok()) {
+    m.state = st;
+    MigrateVmaFinalize(m);
+    return snap;
+  }
+
+  std::vector<uint8_t> present(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const uintptr_t va = m.start + i * page;
+    const DevicePageInfo& d = dev[i];
+    if (d.exclusive) continue;  // restored by a CPU touch first
+    if (d.kind != PageKind::kSystem) {
+      const bool wanted = (d.kind == PageKind::kDevicePrivate && (select & kSelectDevicePrivate)) ||
+                          (d.kind == PageKind::kDeviceCoherent && (select & kSelectDeviceCoherent));
+      if (wanted && d.owner == m.pgmap_owner) {
+        DeviceEntry e;
+        if (st->entries->Find(va, &e) && e.pagemap == m.src_pagemap) {
+          m.src[i] = migrate_pfn::FromDevice(d.id) | migrate_pfn::kMigrate |
+                     (d.writable ? migrate_pfn::kWrite : 0);
+          present[i] = d.kind == PageKind::kDeviceCoherent;  // CPU-mapped: write-protect it
+        }
+      }
+      continue;
+    }
+    if (!system_ok || st->entries->Pinned(va)) continue;
+    const PageState& ps = states[i];
+    if (ps.has(PageState::kSwapped)) continue;  // the kernel skips swap entries too
+    const uint64_t w = st->vma.write ? migrate_pfn::kWrite : 0;
+    if (ps.present() && !ps.has(PageState::kZero)) {
+      m.src[i] = migrate_pfn::FromSystem(reinterpret_cast<void*>(va)) | migrate_pfn::kMigrate | w;
+    } else {
+      m.src[i] = migrate_pfn::kMigrate | w;  // a hole or the zero page: nothing to copy
+    }
+    present[i] = ps.present();
+  }
+
+  // Writers must not change a page between the copy and the commit: write-protect every present
+  // collected page (the zero page too: a write would replace it). Pages that cannot be protected
+  // are not migrated.
+  ForEachRun(
+      n, [&](size_t i) { return present[i] && (m.src[i] & migrate_pfn::kMigrate); },
+      [&](size_t i, size_t k) {
+        Status wp = monitor->WriteProtect(m.start + i * page, k * page, true);
+        for (size_t j = i; j < i + k; ++j) {
+          if (wp.ok()) {
+            st->write_protected[j] = 1;
+          } else {
+            m.src[j] = 0;
+          }
+        }
+        if (!wp.ok())
+          Log().debug("migrate_vma: {:#x}+{} pages not write-protectable ({}): skipped",
+                      m.start + i * page, k, wp.ToString());
+      });
+  for (size_t i = 0; i < n; ++i) m.cpages += (m.src[i] & migrate_pfn::kMigrate) ? 1 : 0;
+  m.state = st;
+  return Status::Ok();
+}
+
+Status MigrateVmaAllocSystemPages(MigrateVma& m) {
+  if (!m.state || m.state->to_device) return Invalid("AllocSystemPages: not a migration to RAM");
+  MigrateState& st = *m.state;
+  if (st.staging) return Status::Ok();
+  st.staging_len = m.npages * st.page;
+  void* p =
+      ::mmap(nullptr, st.staging_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return Status::FromErrno(errno, "migrate_vma: staging pages");
+  st.staging = p;
+  for (size_t i = 0; i < m.npages; ++i)
+    if (m.src[i] & migrate_pfn::kMigrate)
+      m.dst[i] = migrate_pfn::FromSystem(static_cast<char*>(p) + i * st.page);
+  return Status::Ok();
+}
+
+Status MigrateVmaPages(MigrateVma& m) {
+  if (!m.state) return Invalid("Pages without Setup");
+  MigrateState& st = *m.state;
+  AddressSpace& as = *st.as;
+  MmMonitor& monitor = *st.monitor;
+  const size_t page = st.page, n = m.npages;
+  const auto now = std::chrono::steady_clock::now();
+
+  // Which pages commit: collected, given a destination, and not changed by the application since.
+  std::vector<uint8_t> go(n, 0);
+  for (size_t i = 0; i < n; ++i) {
+    if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
+    if (!(m.dst[i] & migrate_pfn::kValid) || st.Gone(m.start + i * page)) {
+      m.src[i] &= ~migrate_pfn::kMigrate;
+      continue;
+    }
+    go[i] = 1;
+  }
+
+  Status result = Status::Ok();
+  if (st.to_device) {
+    DevicePagemap& pm = *m.dst_pagemap;
+    for (size_t i = 0; i < n; ++i) {
+      if (!go[i]) continue;
+      DeviceEntry e;
+      e.pagemap = &pm;
+      e.id = migrate_pfn::DeviceId(m.dst[i]);
+      e.writable = (m.src[i] & migrate_pfn::kWrite) != 0;
+      e.migrated_at = now;
+      st.entries->Insert(m.start + i * page, e);  // the dst reference moves to the entry
+      st.committed[i] = 1;
+    }
+    if (pm.kind() == PageKind::kDevicePrivate) {
+      ForEachRun(
+          n, [&](size_t i) { return go[i] != 0; },
+          [&](size_t i, size_t k) {
+            Status z = ZapOwn(as, monitor, m.start + i * page, k * page);
+            if (!z.ok() && result.ok()) result = z;
+          });
+    } else {
+      // Coherent: map runs of consecutive device pages over the CPU pages.
+      ForEachRun(
+          n, [&](size_t i) { return go[i] != 0; },
+          [&](size_t i, size_t k) {
+            size_t j = i;
+            while (j < i + k) {
+              size_t e = j + 1;
+              while (e < i + k &&
+                     migrate_pfn::DeviceId(m.dst[e]) == migrate_pfn::DeviceId(m.dst[j]) + (e - j))
+                ++e;
+              Status mc = MapCoherent(monitor, st.vma, pm, m.start + j * page,
+                                      migrate_pfn::DeviceId(m.dst[j]), e - j, page);
+              if (!mc.ok() && result.ok()) result = mc;
+              j = e;
+            }
+          });
+    }
+    return result;
+  }
+
+  // Back to system memory.
+  const bool coherent = m.src_pagemap->kind() == PageKind::kDeviceCoherent;
+  ForEachRun(
+      n,
+      [&](size_t i) {
+        return go[i] != 0 && static_cast<char*>(migrate_pfn::SystemAddress(m.dst[i])) ==
+                                 static_cast<char*>(st.staging) + i * page;
+      },
+      [&](size_t i, size_t k) {
+        const uintptr_t va = m.start + i * page;
+        Status c = coherent
+                       ? MoveStagingOver(monitor, st.vma, va, migrate_pfn::SystemAddress(m.dst[i]),
+                                         k * page, *st.entries)
+                       : monitor.Copy(va, migrate_pfn::SystemAddress(m.dst[i]), k * page,
+                                      /*write_protect=*/false, /*wake=*/false);
+        if (!c.ok()) {
+          if (result.ok()) result = c;
+          for (size_t j = i; j < i + k; ++j) m.src[j] &= ~migrate_pfn::kMigrate;
+          return;
+        }
+        for (size_t j = i; j < i + k; ++j) st.committed[j] = 1;
+      });
+  // Destinations the driver chose itself (not hmmkit's staging) go one page at a time.
+  for (size_t i = 0; i < n; ++i) {
+    if (!go[i] || st.committed[i] || !(m.src[i] & migrate_pfn::kMigrate)) continue;
+    const uintptr_t va = m.start + i * page;
+    Status c = coherent ? Status::FromErrno(EINVAL, "coherent pages need staging destinations")
+                        : monitor.Copy(va, migrate_pfn::SystemAddress(m.dst[i]), page,
+                                       /*write_protect=*/false, /*wake=*/false);
+    if (!c.ok()) {
+      if (result.ok()) result = c;
+      m.src[i] &= ~migrate_pfn::kMigrate;
+      continue;
+    }
+    st.committed[i] = 1;
+  }
+  return result;
+}
+
+void MigrateVmaFinalize(MigrateVma& m) {
+  if (!m.state) return;
+  std::shared_ptr<MigrateState> keep = std::move(m.state);
+  MigrateState& st = *keep;
+  MmMonitor& monitor = *st.monitor;
+  const size_t page = st.page, n = m.npages;
+
+  if (st.to_device) {
+    // Unused destination pages go back to the device.
+    for (size_t i = 0; i < n; ++i)
+      if ((m.dst[i] & migrate_pfn::kValid) && !st.committed[i])
+        m.dst_pagemap->PutPage(migrate_pfn::DeviceId(m.dst[i]));
+    // Pages that stayed are writable again (this wakes writers blocked on them).
+    ForEachRun(
+        n, [&](size_t i) { return st.write_protected[i] && !st.committed[i]; },
+        [&](size_t i, size_t k) {
+          monitor.WriteProtect(m.start + i * page, k * page, false).IgnoreError();
+        });
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      if (!st.committed[i]) continue;
+      DeviceEntry e;
+      if (st.entries->Take(m.start + i * page, &e)) e.pagemap->PutPage(e.id);
+    }
+    ForEachRun(
+        n, [&](size_t i) { return st.write_protected[i] && !st.committed[i]; },
+        [&](size_t i, size_t k) {
+          monitor.WriteProtect(m.start + i * page, k * page, false).IgnoreError();
+        });
+    if (st.staging) ::munmap(st.staging, st.staging_len);  // moved pages are no longer in it
+    // The device entries are gone: threads faulting on the copied pages may run now.
+    ForEachRun(
+        n, [&](size_t i) { return st.committed[i] != 0; },
+        [&](size_t i, size_t k) { monitor.Wake(m.start + i * page, k * page).IgnoreError(); });
+  }
+  // Writers that faulted on a zapped page retry now (their fault handler waits for us).
+  st.entries->EndMigration(m.start, m.end);
+  st.scope.reset();
+  st.as->notifiers().Remove(st.sub);
+  if (st.fork_lock.owns_lock()) st.fork_lock.unlock();
+}
+
+// ---- migrate back, eviction ------------------------------------------------------------------
+
+Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
+  const size_t page = as.features().page_size;
+  const uintptr_t pg = addr & ~(page - 1);
+  DeviceEntry e;
+  if (as.options().migrate_timeslice.count() > 0 && as.device_entries().Find(pg, &e)) {
+    const auto until = e.migrated_at + as.options().migrate_timeslice;
+    if (std::chrono::steady_clock::now() < until) std::this_thread::sleep_until(until);
+  }
+  auto vma = as.FindVma(pg);
+  if (!vma.ok()) return vma.status();
+  uintptr_t start = pg, end = pg + page;
+  if (*vma) {
+    const uintptr_t w = as.options().fault_window * page;
+    start = std::max((*vma)->start, pg & ~(w - 1));
+    end = std::min((*vma)->end, (pg & ~(w - 1)) + w);
+  }
+  const size_t n = (end - start) / page;
+  std::vector<uint64_t> src(n), dst(n);
+  MigrateVma m;
+  m.start = start;
+  m.end = end;
+  m.src = src;
+  m.dst = dst;
+  m.pgmap_owner = pm.owner();
+  m.flags = pm.kind() == PageKind::kDevicePrivate ? kSelectDevicePrivate : kSelectDeviceCoherent;
+  m.src_pagemap = &pm;
+  HMMKIT_RETURN_IF_ERROR(MigrateVmaSetup(as, m));
+  Status st = MigrateVmaAllocSystemPages(m);
+  if (st.ok() && m.cpages > 0) {
+    std::vector<uint64_t> ids;
+    std::vector<void*> to;
+    for (size_t i = 0; i < n; ++i) {
+      if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
+      ids.push_back(migrate_pfn::DeviceId(m.src[i]));
+      to.push_back(migrate_pfn::SystemAddress(m.dst[i]));
+    }
+    st = pm.CopyToRam(ids, to);
+    if (!st.ok()) std::fill(m.dst.begin(), m.dst.end(), 0);  // nothing commits
+  }
+  if (st.ok()) st = MigrateVmaPages(m);
+  MigrateVmaFinalize(m);
+  return st;
+}
+
+Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids) {
+  const size_t page = as.features().page_size;
+  std::vector<uintptr_t> vas;
+  for (uint64_t id : ids)
+    if (uintptr_t va = as.device_entries().AddressOf(&pm, id)) vas.push_back(va);
+  std::sort(vas.begin(), vas.end());
+  Status first = Status::Ok();
+  for (size_t i = 0; i < vas.size();) {
+    // A run of consecutive addresses inside one VMA.
+    auto vma = as.FindVma(vas[i]);
+    const uintptr_t limit = vma.ok() && *vma ? (*vma)->end : vas[i] + page;
+    size_t j = i + 1;
+    while (j < vas.size() && vas[j] == vas[j - 1] + page && vas[j] < limit) ++j;
+    const uintptr_t start = vas[i], end = vas[j - 1] + page;
+    const size_t n = (end - start) / page;
+    std::vector<uint64_t> src(n), dst(n);
+    MigrateVma m;
+    m.start = start;
+    m.end = end;
+    m.src = src;
+    m.dst = dst;
+    m.pgmap_owner = pm.owner();
+    m.flags = pm.kind() == PageKind::kDevicePrivate ? kSelectDevicePrivate : kSelectDeviceCoherent;
+    m.src_pagemap = &pm;
+    Status st = MigrateVmaSetup(as, m);
+    if (st.ok()) {
+      st = MigrateVmaAllocSystemPages(m);
+      if (st.ok() && m.cpages > 0) {
+        std::vector<uint64_t> sel;
+        std::vector<void*> to;
+        for (size_t k = 0; k < n; ++k) {
+          if (!(m.src[k] & migrate_pfn::kMigrate)) continue;
+          sel.push_back(migrate_pfn::DeviceId(m.src[k]));
+          to.push_back(migrate_pfn::SystemAddress(m.dst[k]));
+        }
+        st = pm.CopyToRam(sel, to);
+        if (!st.ok()) std::fill(m.dst.begin(), m.dst.end(), 0);
+      }
+      if (st.ok()) st = MigrateVmaPages(m);
+      MigrateVmaFinalize(m);
+    }
+    if (!st.ok() && first.ok()) first = st;
+    i = j;
+  }
+  return first;
+}
+
+Status MigrateAllToRam(AddressSpace& as, DevicePagemap& pm) {
+  std::vector<uint64_t> ids;
+  for (auto& [va, e] : as.device_entries().Collect(0, UINTPTR_MAX))
+    if (!e.exclusive && e.pagemap == &pm) ids.push_back(e.id);
+  return MigrateDevicePages(as, pm, ids);
+}
+
+// ---- DevicePagemap defaults
+// ----------------------------------------------------------------------
+
+Status DevicePagemap::CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst) {
+  if (ids.size() != dst.size()) return Status::FromErrno(EINVAL, "CopyToRam: size mismatch");
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  for (size_t i = 0; i < ids.size(); ++i) std::memcpy(dst[i], PageData(ids[i]), page);
+  return Status::Ok();
+}
+
+Status DevicePagemap::MigrateToRam(AddressSpace& as, uintptr_t addr) {
+  return MigrateToRamWindow(as, *this, addr);
+}
+
+// ---- long-term pins
+// ------------------------------------------------------------------------------
+
+Status PinLongTerm(AddressSpace& as, uintptr_t start, uintptr_t end) {
+  const size_t page = as.features().page_size;
+  if (start >= end || ((start | end) & (page - 1)))
+    return Status::FromErrno(EINVAL, "PinLongTerm: bad range");
+  as.device_entries().Pin(start, end);  // later migrations skip these pages
+  HMMKIT_RETURN_IF_ERROR(as.device_entries().RestoreExclusive(start, end));
+  for (auto& [va, e] : as.device_entries().Collect(start, end)) {
+    if (e.exclusive || !as.device_entries().Find(va, nullptr)) continue;
+    Status st = e.pagemap->MigrateToRam(as, va);
+    if (!st.ok()) {
+      as.device_entries().Unpin(start, end);
+      return st;
+    }
+  }
+  Status st = as.Populate(start, end, /*write=*/false);
+  if (!st.ok()) as.device_entries().Unpin(start, end);
+  return st;
+}
+
+void UnpinLongTerm(AddressSpace& as, uintptr_t start, uintptr_t end) {
+  as.device_entries().Unpin(start, end);
+}
+
+}  // namespace hmmkit

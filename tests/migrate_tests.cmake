@@ -1,0 +1,1 @@
+hmmkit_test(migrate_test SOURCES unit/migrate_test.cpp)

@@ -1,0 +1,415 @@
+// MigrateVma, CPU fault-back, eviction, device-exclusive access, pins and fork over the real
+// address space, with a miniature device page map (test_pagemap.hpp).
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "hmmkit/mirror/migrate.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
+#include "hmmkit/mirror/range_fault.hpp"
+#include "recording_ops.hpp"
+#include "test_pagemap.hpp"
+#include "test_support.hpp"
+
+namespace hmmkit::test {
+namespace {
+
+int owner_a, owner_b;
+
+void Fill(const Mapping& m, size_t pages, uint32_t seed) {
+  for (size_t i = 0; i < pages; ++i) {
+    auto* w = reinterpret_cast<uint32_t*>(m.page(i));
+    for (size_t j = 0; j < PageSize() / 4; ++j) w[j] = seed + uint32_t(i * 1024 + j);
+  }
+}
+
+bool Check(const char* p, size_t pages, uint32_t seed, size_t first_page = 0) {
+  for (size_t i = 0; i < pages; ++i) {
+    auto* w = reinterpret_cast<const volatile uint32_t*>(p + i * PageSize());
+    for (size_t j = 0; j < PageSize() / 4; ++j)
+      if (w[j] != seed + uint32_t((first_page + i) * 1024 + j)) return false;
+  }
+  return true;
+}
+
+class MigrateTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    as_ = MakeAddressSpace(options_);
+    if (!as_->monitor()) GTEST_SKIP() << "no userfaultfd monitor";
+  }
+  void TearDown() override { as_.reset(); }
+  size_t PresentPages(uintptr_t start, uintptr_t end) {
+    std::vector<PageState> st((end - start) / PageSize());
+    EXPECT_TRUE(as_->Snapshot(start, end, st).ok());
+    size_t n = 0;
+    for (auto& s : st) n += s.present() ? 1 : 0;
+    return n;
+  }
+
+  AddressSpace::Options options_;
+  std::shared_ptr<AddressSpace> as_;
+};
+
+TEST_F(MigrateTest, PrivateRoundTripKeepsDataAndZeroFillsHoles) {
+  // Given 16 pages, 12 written and 4 never touched
+  const size_t n = 16;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, 12, 7);
+  TestPagemap pm(64, PageKind::kDevicePrivate, &owner_a, as_.get());
+  // When they migrate to the device
+  size_t cpages = 0;
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end(), &cpages);
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  // Then every page moved, holes included, and the CPU page tables hold none of them
+  EXPECT_EQ(cpages, n);
+  EXPECT_EQ(pm.in_use(), n);
+  EXPECT_EQ(as_->device_page_count(), n);
+  EXPECT_EQ(PresentPages(m.addr(), m.end()), 0u);
+  // And a CPU touch brings them back with their data
+  EXPECT_TRUE(Check(m.data(), 12, 7));
+  for (size_t i = 12; i < n; ++i) EXPECT_EQ(m.page(i)[100], 0) << "hole " << i;
+  EXPECT_EQ(as_->device_page_count(), 0u);
+  EXPECT_EQ(pm.in_use(), 0u) << "device pages are freed when they come back";
+  EXPECT_GE(pm.copies_to_ram.load(), n);
+}
+
+TEST_F(MigrateTest, SharedMappingsAreNotMigrated) {
+  Mapping m = Mapping::Memfd(4 * PageSize());
+  std::memset(m.data(), 1, m.size());
+  TestPagemap pm(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  size_t cpages = 99;
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end(), &cpages);
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_EQ(cpages, 0u);
+  EXPECT_EQ(pm.in_use(), 0u);
+  EXPECT_EQ(m.data()[5], 1);
+}
+
+TEST_F(MigrateTest, SetupRejectsBadArguments) {
+  Mapping m(4 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  TestPagemap pm(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  std::vector<uint64_t> src(4), dst(4);
+  MigrateVma v;
+  v.start = m.addr() + 1;
+  v.end = m.end();
+  v.src = src;
+  v.dst = dst;
+  v.flags = kSelectSystem;
+  v.dst_pagemap = &pm;
+  EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "unaligned";
+  v.start = m.addr();
+  v.flags = 0;
+  EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "no select flag";
+  v.flags = kSelectSystem;
+  v.dst_pagemap = nullptr;
+  EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "no destination pagemap";
+  v.dst_pagemap = &pm;
+  v.end = m.end() + 64 * PageSize();
+  std::vector<uint64_t> big(68);
+  v.src = big;
+  v.dst = big;
+  EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "more than one VMA";
+}
+
+TEST_F(MigrateTest, RangeFaultReportsOwnPagesAndBringsOthersBack) {
+  const size_t pg = PageSize();
+  Mapping m(4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, 4, 3);
+  TestPagemap a(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  TestPagemap b(8, PageKind::kDevicePrivate, &owner_b, as_.get());
+  ASSERT_TRUE(MigrateToDevice(*as_, a, m.addr(), m.addr() + 2 * pg).ok());
+  ASSERT_TRUE(MigrateToDevice(*as_, b, m.addr() + 2 * pg, m.end()).ok());
+
+  RecordingOps ops;
+  IntervalNotifier sub;
+  ASSERT_TRUE(as_->notifiers().Insert(sub, m.addr(), m.size(), ops).ok());
+  std::vector<uint64_t> e(4);
+  Range r;
+  r.notifier = &sub;
+  r.start = m.addr();
+  r.end = m.end();
+  r.hmm_pfns = e;
+  r.dev_private_owner = &owner_a;
+  r.notifier_seq = sub.ReadBegin();
+  ASSERT_TRUE(RangeFault(*as_, r).ok());
+  EXPECT_EQ(hmm_pfn::Kind(e[0]), PageKind::kDevicePrivate);
+  EXPECT_TRUE(e[0] & hmm_pfn::kValid);
+  EXPECT_EQ(e[2], 0u) << "another device's private page reads as not present";
+
+  r.default_flags = hmm_pfn::kReqFault;
+  r.notifier_seq = sub.ReadBegin();
+  Status st = RangeFault(*as_, r);
+  if (st.errno_value() == EBUSY) {  // the migration back invalidated the range: retry once
+    r.notifier_seq = sub.ReadBegin();
+    st = RangeFault(*as_, r);
+  }
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(b.in_use(), 0u) << "device B's pages came back to system memory";
+  EXPECT_EQ(hmm_pfn::Kind(e[2]), PageKind::kSystem);
+  EXPECT_EQ(hmm_pfn::Kind(e[0]), PageKind::kDevicePrivate) << "own pages stay on the device";
+  EXPECT_TRUE(Check(m.page(2), 2, 3, 2));
+  as_->notifiers().Remove(sub);
+}
+
+TEST_F(MigrateTest, MunmapReleasesDevicePages) {
+  Mapping m(8 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, 8, 1);
+  TestPagemap pm(16, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  ASSERT_EQ(pm.in_use(), 8u);
+  m.Unmap();
+  as_->monitor()->Sync();
+  EXPECT_EQ(pm.in_use(), 0u);
+  EXPECT_EQ(as_->device_page_count(), 0u);
+}
+
+TEST_F(MigrateTest, MremapOfMigratedRangeThenCpuFaultBack) {
+  const size_t n = 8, len = n * PageSize();
+  Mapping m(len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 11);
+  TestPagemap pm(16, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  Mapping target(len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS);
+  void* moved = mremap(m.data(), len, len, MREMAP_MAYMOVE | MREMAP_FIXED, target.data());
+  ASSERT_EQ(moved, target.data());
+  m.Release();
+  // The CPU touches the new address before or after the monitor saw the REMAP event: either way
+  // the data comes back.
+  EXPECT_TRUE(Check(target.data(), n, 11));
+  EXPECT_EQ(pm.in_use(), 0u);
+}
+
+TEST_F(MigrateTest, PartialMunmapOfMigratedHugePageThenFaultBackTheRest) {
+  const size_t len = 2 * kMiB, n = len / PageSize();
+  Mapping m = Mapping::AlignedAnon(len, 2 * kMiB);
+  if (ThpAvailable()) madvise(m.data(), len, MADV_HUGEPAGE);
+  Fill(m, n, 5);
+  TestPagemap pm(n, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  ASSERT_EQ(pm.in_use(), n);
+  ASSERT_EQ(munmap(m.data(), len / 2), 0);
+  as_->monitor()->Sync();
+  EXPECT_EQ(pm.in_use(), n / 2) << "the unmapped half's device pages are released";
+  EXPECT_TRUE(Check(m.data() + len / 2, n / 2, 5, n / 2));
+  EXPECT_EQ(pm.in_use(), 0u);
+  ASSERT_EQ(munmap(m.data() + len / 2, len / 2), 0);
+  m.Release();
+}
+
+TEST_F(MigrateTest, ConcurrentWriterLosesNoIncrement) {
+  // Given a writer incrementing a counter while the page keeps migrating to the device
+  Mapping m(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  TestPagemap pm(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  std::atomic<bool> stop{false};
+  std::atomic<bool> started{false};
+  std::atomic<uint64_t> written{0};
+  std::thread writer([&] {
+    auto* counter = reinterpret_cast<volatile uint64_t*>(m.data());
+    uint64_t n = 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+      *counter = *counter + 1;
+      ++n;
+      started.store(true, std::memory_order_relaxed);
+    }
+    written = n;
+  });
+  while (!started.load()) std::this_thread::yield();
+  constexpr int kMigrations = 200;
+  for (int i = 0; i < kMigrations; ++i) {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  stop = true;
+  writer.join();
+  // Then every increment is there
+  EXPECT_EQ(*reinterpret_cast<volatile uint64_t*>(m.data()), written.load());
+  EXPECT_GT(written.load(), 0u);
+}
+
+TEST_F(MigrateTest, EvictionByDevicePageKeepsData) {
+  const size_t n = 8;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 21);
+  TestPagemap pm(16, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  std::vector<DevicePageInfo> info(n);
+  ASSERT_EQ(as_->LookupDevicePages(m.addr(), m.end(), info), n);
+  std::vector<uint64_t> ids;
+  for (auto& i : info) ids.push_back(i.id);
+  // When the device evicts by page id, without naming any address
+  ASSERT_TRUE(MigrateDevicePages(*as_, pm, ids).ok());
+  // Then the pages are system pages again, present, with their data, and no CPU fault was needed
+  EXPECT_EQ(pm.in_use(), 0u);
+  EXPECT_EQ(PresentPages(m.addr(), m.end()), n);
+  const uint64_t faults = as_->monitor()->stats().faults;
+  EXPECT_TRUE(Check(m.data(), n, 21));
+  EXPECT_EQ(as_->monitor()->stats().faults, faults);
+}
+
+TEST_F(MigrateTest, FaultWindowOfOneBringsBackOnlyTheFaultingPage) {
+  options_.fault_window = 1;
+  as_ = MakeAddressSpace(options_);
+  Mapping m(8 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, 8, 2);
+  TestPagemap pm(16, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_TRUE(Check(m.page(3), 1, 2, 3));
+  EXPECT_EQ(as_->device_page_count(), 7u);
+}
+
+TEST_F(MigrateTest, TimesliceKeepsAPageOnTheDeviceAtLeastThatLong) {
+  options_.migrate_timeslice = std::chrono::milliseconds(40);
+  as_ = MakeAddressSpace(options_);
+  Mapping m(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  m.data()[0] = 9;
+  TestPagemap pm(4, PageKind::kDevicePrivate, &owner_a, as_.get());
+  const auto t0 = std::chrono::steady_clock::now();
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_EQ(*static_cast<volatile char*>(m.data()), 9);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(40));
+}
+
+TEST_F(MigrateTest, ExclusiveAccessIsRevokedByTheCpu) {
+  const size_t n = 4;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 40);
+  RecordingOps ops;
+  IntervalNotifier sub;
+  ASSERT_TRUE(as_->notifiers().Insert(sub, m.addr(), m.size(), ops).ok());
+  std::vector<void*> data(n);
+  ASSERT_TRUE(MakeDeviceExclusive(*as_, m.addr(), m.end(), &owner_a, data).ok());
+  auto events = ops.seen();
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back().event, InvalidateEvent::kExclusive);
+  EXPECT_EQ(events.back().owner, &owner_a) << "the owner filters its own event";
+  // The device sees the data and does an atomic update in place
+  ASSERT_TRUE(Check(static_cast<char*>(data[1]), 1, 40, 1));
+  reinterpret_cast<uint32_t*>(data[1])[0] += 1000;
+  EXPECT_EQ(PresentPages(m.addr(), m.end()), 0u) << "out of the CPU's reach";
+  // When the CPU reads the page, exclusivity ends with an invalidation the owner cannot ignore
+  const uint32_t v = reinterpret_cast<volatile uint32_t*>(m.page(1))[0];
+  EXPECT_EQ(v, 40u + 1024u + 1000u);
+  events = ops.seen();
+  EXPECT_EQ(events.back().event, InvalidateEvent::kExclusive);
+  EXPECT_EQ(events.back().owner, nullptr);
+  std::vector<DevicePageInfo> info(n);
+  EXPECT_EQ(as_->LookupDevicePages(m.addr(), m.end(), info), 3u);
+  as_->notifiers().Remove(sub);
+}
+
+TEST_F(MigrateTest, CoherentPagesAreReadAndWrittenWithoutFaults) {
+  const size_t n = 8;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 60);
+  TestPagemap pm(16, PageKind::kDeviceCoherent, &owner_a, as_.get());
+  size_t cpages = 0;
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end(), &cpages);
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_EQ(cpages, n);
+  const uint64_t faults = as_->monitor()->stats().faults;
+  EXPECT_TRUE(Check(m.data(), n, 60));
+  std::vector<DevicePageInfo> info(n);
+  ASSERT_EQ(as_->LookupDevicePages(m.addr(), m.end(), info), n);
+  EXPECT_EQ(info[0].kind, PageKind::kDeviceCoherent);
+  // A CPU write lands in device memory
+  m.data()[3] = 77;
+  EXPECT_EQ(static_cast<char*>(pm.PageData(info[0].id))[3], 77);
+  EXPECT_EQ(as_->monitor()->stats().faults, faults) << "no CPU fault for coherent memory";
+  // Back to system memory: an ordinary private anonymous mapping again, data intact
+  std::vector<uint64_t> ids;
+  for (auto& i : info) ids.push_back(i.id);
+  ASSERT_TRUE(MigrateDevicePages(*as_, pm, ids).ok());
+  EXPECT_EQ(pm.in_use(), 0u);
+  auto vma = as_->FindVma(m.addr());
+  ASSERT_TRUE(vma.ok() && *vma);
+  EXPECT_EQ((*vma)->kind, VmaKind::kAnon);
+  EXPECT_FALSE((*vma)->shared);
+  EXPECT_EQ(m.data()[3], 77);
+}
+
+TEST_F(MigrateTest, LongTermPinMovesCoherentPagesBack) {
+  const size_t n = 4;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 80);
+  TestPagemap pm(8, PageKind::kDeviceCoherent, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  ASSERT_EQ(pm.in_use(), n);
+  ASSERT_TRUE(PinLongTerm(*as_, m.addr(), m.end()).ok());
+  EXPECT_EQ(pm.in_use(), 0u);
+  EXPECT_TRUE(Check(m.data(), n, 80));
+  // Pinned pages are skipped by later migrations
+  size_t cpages = 99;
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end(), &cpages);
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_EQ(cpages, 0u);
+  UnpinLongTerm(*as_, m.addr(), m.end());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end(), &cpages);
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  EXPECT_EQ(cpages, n);
+}
+
+TEST_F(MigrateTest, ForkGivesBothProcessesTheDeviceData) {
+  if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;
+  const size_t n = 8;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 90);
+  TestPagemap priv(16, PageKind::kDevicePrivate, &owner_a, as_.get());
+  TestPagemap coh(16, PageKind::kDeviceCoherent, &owner_b, as_.get());
+  ASSERT_TRUE(MigrateToDevice(*as_, priv, m.addr(), m.addr() + 4 * PageSize()).ok());
+  ASSERT_TRUE(MigrateToDevice(*as_, coh, m.addr() + 4 * PageSize(), m.end()).ok());
+  pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // The child sees the data, and its writes stay private
+    bool ok = Check(m.data(), n, 90);
+    m.page(5)[0] = 1;
+    _exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "child saw wrong data";
+  EXPECT_TRUE(Check(m.data(), n, 90)) << "parent data changed";
+}
+
+}  // namespace
+}  // namespace hmmkit::test
