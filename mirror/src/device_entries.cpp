@@ -96,6 +96,7 @@ size_t DeviceEntries::Lookup(uintptr_t start, uintptr_t end, std::span<DevicePag
       info.owner = e.pagemap->owner();
       info.id = e.id;
       info.writable = e.writable;
+      info.order = e.order;
     }
     ++found;
   }
@@ -271,8 +272,8 @@ Status DeviceEntries::EnsureRouted(uintptr_t start, uintptr_t end) {
 Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   const uintptr_t pg = fault.address & ~(page_ - 1);
   WaitNoMigration(pg);
-  // A fault at the destination of an mremap can overtake the REMAP event that moves the entries.
-  if (monitor.pending_remaps() != 0) monitor.Sync();
+  // A fault can overtake the event that moved or dropped the entries (mremap, munmap + mmap).
+  if (monitor.pending_changes() != 0) monitor.Sync();
 
   DeviceEntry e;
   if (!Find(pg, &e)) {

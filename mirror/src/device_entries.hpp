@@ -31,6 +31,7 @@ struct DeviceEntry {
   DevicePagemap* pagemap = nullptr;  // null for exclusive entries
   uint64_t id = 0;
   bool writable = false;
+  uint8_t order = 0;  // 9: part of a 2 MiB device folio mapped as a whole (reported as PMD)
   bool exclusive = false;
   const void* exclusive_owner = nullptr;
   void* data = nullptr;  // exclusive: where the bytes are

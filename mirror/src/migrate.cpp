@@ -103,8 +103,9 @@ Status ZapOwn(AddressSpace& as, MmMonitor& monitor, uintptr_t va, size_t len) {
 Status MapCoherent(MmMonitor& monitor, const Vma& vma, DevicePagemap& pm, uintptr_t va,
                    uint64_t first_id, size_t n, size_t page) {
   const uint64_t token = monitor.ExpectRemove(va, va + n * page);
-  void* p = ::mmap(reinterpret_cast<void*>(va), n * page, ProtOf(vma), MAP_SHARED | MAP_FIXED,
-                   pm.ArenaFd(), off_t(pm.ArenaOffset(first_id)));
+  void* p =
+      ::mmap(reinterpret_cast<void*>(va), n * page, ProtOf(vma),
+             MAP_SHARED | MAP_FIXED | MAP_POPULATE, pm.ArenaFd(), off_t(pm.ArenaOffset(first_id)));
   int err = errno;
   monitor.EndExpect(token);
   if (p == MAP_FAILED)
@@ -151,6 +152,9 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   if (!monitor)
     return Status::FromErrno(ENOTSUP,
                              "migrate_vma needs the userfaultfd monitor (see `hmmctl info`)");
+  // Device entries of a range unmapped just before must be gone before we look (an munmap
+  // returns before the monitor has dispatched its event).
+  if (monitor->pending_changes() != 0) monitor->Sync();
   auto vma = as.FindVma(m.start);
   if (!vma.ok()) return vma.status();
   if (!*vma) return Invalid(fmt::format("no VMA at {:#x}", m.start));
@@ -283,11 +287,24 @@ Status MigrateVmaPages(MigrateVma& m) {
   Status result = Status::Ok();
   if (st.to_device) {
     DevicePagemap& pm = *m.dst_pagemap;
+    // A 2 MiB-aligned block committed whole onto one aligned run of device pages (a device
+    // folio) is reported with map order 9, as the kernel maps a device THP.
+    const size_t huge = (size_t(2) << 20) / page;
+    std::vector<uint8_t> order(n, 0);
+    for (size_t i = 0; i + huge <= n; ++i) {
+      if (((m.start + i * page) & ((huge * page) - 1)) != 0) continue;
+      const uint64_t head = migrate_pfn::DeviceId(m.dst[i]);
+      bool whole = head % huge == 0;
+      for (size_t k = 0; whole && k < huge; ++k)
+        whole = go[i + k] && migrate_pfn::DeviceId(m.dst[i + k]) == head + k;
+      if (whole) std::fill_n(order.begin() + long(i), huge, 9);
+    }
     for (size_t i = 0; i < n; ++i) {
       if (!go[i]) continue;
       DeviceEntry e;
       e.pagemap = &pm;
       e.id = migrate_pfn::DeviceId(m.dst[i]);
+      e.order = order[i];
       e.writable = (m.src[i] & migrate_pfn::kWrite) != 0;
       e.migrated_at = now;
       st.entries->Insert(m.start + i * page, e);  // the dst reference moves to the entry

@@ -379,6 +379,11 @@ void MmMonitor::RemoveFaultHandler(FaultHandler& handler) {
     handler_cv_.Wait(reg_mu_, [&]() REQUIRES(reg_mu_) { return running_handler_ != &handler; });
 }
 
+uint64_t MmMonitor::pending_changes() const {
+  MutexLock lock(queue_mu_);
+  return pending_changes_.load(std::memory_order_acquire);
+}
+
 Status MmMonitor::RouteFaults(uintptr_t start, uintptr_t end, FaultHandler& handler) {
   const uintptr_t page = as_.features().page_size;
   if (start >= end || (start | end) & (page - 1))
@@ -515,6 +520,7 @@ void MmMonitor::ReaderLoop() {
                 break;
               }
               stats_.events_remove++;
+              pending_changes_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
@@ -530,13 +536,14 @@ void MmMonitor::ReaderLoop() {
                 break;
               }
               stats_.events_unmap++;
+              pending_changes_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
             }
             case UFFD_EVENT_REMAP:
               stats_.events_remap++;
-              pending_remaps_.fetch_add(1, std::memory_order_acq_rel);
+              pending_changes_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
@@ -578,12 +585,14 @@ void MmMonitor::EventLoop() {
         }
         tree.Invalidate(NotifierRange{s, e, InvalidateEvent::kUnmap, nullptr});
         as_.OnCpuPagesGone(s, e);
+        pending_changes_.fetch_sub(1, std::memory_order_acq_rel);
         break;
       }
       case UFFD_EVENT_REMOVE:
         tree.Invalidate(NotifierRange{uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end),
                                       InvalidateEvent::kClear, nullptr});
         as_.OnCpuPagesGone(m.arg.remove.start, m.arg.remove.end);
+        pending_changes_.fetch_sub(1, std::memory_order_acq_rel);
         break;
       case UFFD_EVENT_REMAP: {
         const uintptr_t from = m.arg.remap.from, to = m.arg.remap.to, len = m.arg.remap.len;
@@ -596,7 +605,7 @@ void MmMonitor::EventLoop() {
         }
         tree.Invalidate(NotifierRange{from, from + len, InvalidateEvent::kUnmap, nullptr});
         as_.OnCpuPagesMoved(from, to, len);
-        pending_remaps_.fetch_sub(1, std::memory_order_acq_rel);
+        pending_changes_.fetch_sub(1, std::memory_order_acq_rel);
         break;
       }
       default:
@@ -635,7 +644,7 @@ void MmMonitor::FaultLoop() {
     find_handler();
     // A fault at the destination of an mremap can overtake the REMAP event that moves the
     // handler's range there: let the event thread catch up, then look again.
-    if (!handler && pending_remaps_.load(std::memory_order_acquire) != 0) {
+    if (!handler && pending_changes() != 0) {
       Sync();
       find_handler();
     }

@@ -190,8 +190,12 @@ Status RangeFault(AddressSpace& as, Range& r) {
   if (r.notifier->CheckRetry(r.notifier_seq))
     return Status::FromErrno(EBUSY, "range_fault: notifier sequence moved");
 
-  // Watch first, then read: a change after the snapshot must raise an invalidation.
-  if (MmMonitor* m = as.monitor()) HMMKIT_RETURN_IF_ERROR(m->EnsureWatched(r.start, r.end));
+  // Watch first, then read: a change after the snapshot must raise an invalidation. Changes
+  // already made but not yet dispatched would leave stale device entries: let them land.
+  if (MmMonitor* m = as.monitor()) {
+    if (m->pending_changes() != 0) m->Sync();
+    HMMKIT_RETURN_IF_ERROR(m->EnsureWatched(r.start, r.end));
+  }
 
   auto vmas = as.FindVmas(r.start, r.end);
   if (!vmas.ok()) return vmas.status();

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "hmmkit/base/mutex.hpp"
@@ -81,6 +82,8 @@ class Mirror final : public IntervalNotifierOps {
   Status CheckExclusive(uintptr_t start, uintptr_t end) REQUIRES(cmd_mu_);
   // Maps the pages of this device in [start, end) that the CPU side records as ours.
   Status MapOwnDevicePages(uintptr_t start, uintptr_t end) REQUIRES(cmd_mu_);
+  Status MapDevicePagesLocked(uintptr_t start, std::span<const DevicePageInfo> info)
+      REQUIRES(lock_);
   // Drops mirrored pages whose VMA is no longer writable (mprotect is not seen without
   // interposition; writes re-check).
   Status DropUnwritable(uintptr_t start, uintptr_t end) REQUIRES(cmd_mu_);

@@ -207,10 +207,21 @@ Status Mirror::DropUnwritable(uintptr_t start, uintptr_t end) {
 Status Mirror::MapOwnDevicePages(uintptr_t start, uintptr_t end) {
   const size_t n = (end - start) / kPage;
   std::vector<DevicePageInfo> info(n);
-  const uint64_t seq = sub_.ReadBegin();
-  ctx_.as().LookupDevicePages(start, end, info);
-  MutexLock lock(lock_);
-  if (sub_.ReadRetry(seq)) return Status::Ok();  // changed meanwhile: the read pass faults
+  // The subscription spans the whole address space: an unrelated invalidation elsewhere also
+  // moves the sequence, so retry a few times before giving up (the caller then sees ENOENT).
+  for (int attempt = 0; attempt < kMaxFaultRounds; ++attempt) {
+    const uint64_t seq = sub_.ReadBegin();
+    ctx_.as().LookupDevicePages(start, end, info);
+    MutexLock lock(lock_);
+    if (sub_.ReadRetry(seq)) continue;
+    return MapDevicePagesLocked(start, info);
+  }
+  return Errno(EBUSY, "device mappings kept being invalidated");
+}
+
+Status Mirror::MapDevicePagesLocked(uintptr_t start, std::span<const DevicePageInfo> info) {
+  const size_t n = info.size();
+  const uintptr_t end = start + n * kPage;
   return mmu_.Update(start, end, [&](emu::DevicePageTable& pt) -> Status {
     for (size_t i = 0; i < n; ++i) {
       const DevicePageInfo& d = info[i];
@@ -351,11 +362,11 @@ Status Mirror::MigrateToSystem(uintptr_t start, uintptr_t end, uint64_t* migrate
     m.src_pagemap = &mem;
     HMMKIT_RETURN_IF_ERROR(MigrateVmaSetup(ctx_.as(), m));
     Status st = Status::Ok();
-    if (m.cpages > 0 && dev_.fail_system_alloc.exchange(false)) {
-      st = Errno(ENOMEM, "system page allocation failed (FAIL_ALLOC)");
-    } else if (m.cpages > 0) {
-      st = MigrateVmaAllocSystemPages(m);
-    }
+    // FAIL_ALLOC on the way back fails the huge system allocation; hmmkit's staging pages are
+    // always 4 KiB, which is the fallback the kernel takes: nothing else changes.
+    if (m.cpages > 0 && dev_.fail_system_alloc.exchange(false))
+      Log().debug("dmirror{}: FAIL_ALLOC on migrate back: 4 KiB system pages", dev_.index);
+    if (m.cpages > 0) st = MigrateVmaAllocSystemPages(m);
     if (st.ok() && m.cpages > 0) {
       std::vector<dma::Descriptor> batch;
       for (size_t i = 0; i < n; ++i) {

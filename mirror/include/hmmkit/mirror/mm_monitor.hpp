@@ -118,9 +118,11 @@ class MmMonitor {
   // handlers are left alone), clipped to the VMA containing `start`. Handler ranges follow their
   // VMA: an unmap drops them, an mremap moves them. Errors: as AddFaultHandler.
   Status RouteFaults(uintptr_t start, uintptr_t end, FaultHandler& handler) EXCLUDES(reg_mu_);
-  // mremap events read but not yet dispatched (a fault handler that looks up state keyed by
-  // address calls Sync first when this is non-zero).
-  uint64_t pending_remaps() const { return pending_remaps_.load(std::memory_order_acquire); }
+  // UNMAP/REMOVE/REMAP events read but not yet dispatched. State keyed by address (device
+  // entries, fault routing) is stale while this is non-zero: callers that look it up Sync first.
+  // Taken under the queue lock: the reader holds it from read() until the event is queued and
+  // counted, so an event whose system call has returned is always seen.
+  uint64_t pending_changes() const EXCLUDES(queue_mu_);
 
   // Announces that hmmkit itself is about to MADV_DONTNEED or remap [start, end) (after raising
   // kMigrate), so that the REMOVE or UNMAP event it causes is not reported again as kClear/kUnmap.
@@ -226,7 +228,7 @@ class MmMonitor {
   mutable Mutex stats_mu_;
   Stats stats_ GUARDED_BY(stats_mu_);
 
-  std::atomic<uint64_t> pending_remaps_{0};
+  std::atomic<uint64_t> pending_changes_{0};
 
   std::thread reader_;
   std::thread event_thread_;

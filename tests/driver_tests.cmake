@@ -1,0 +1,2 @@
+# driver/ test suites (included from tests/CMakeLists.txt).
+hmmkit_test(device_memory_test SOURCES unit/device_memory_test.cpp LIBS hmmkit::driver)
