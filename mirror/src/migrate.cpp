@@ -421,23 +421,11 @@ void MigrateVmaFinalize(MigrateVma& m) {
 
 // ---- migrate back, eviction ------------------------------------------------------------------
 
-Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
-  const size_t page = as.features().page_size;
-  const uintptr_t pg = addr & ~(page - 1);
-  DeviceEntry e;
-  if (as.options().migrate_timeslice.count() > 0 && as.device_entries().Find(pg, &e)) {
-    const auto until = e.migrated_at + as.options().migrate_timeslice;
-    if (std::chrono::steady_clock::now() < until) std::this_thread::sleep_until(until);
-  }
-  auto vma = as.FindVma(pg);
-  if (!vma.ok()) return vma.status();
-  uintptr_t start = pg, end = pg + page;
-  if (*vma) {
-    const uintptr_t w = as.options().fault_window * page;
-    start = std::max((*vma)->start, pg & ~(w - 1));
-    end = std::min((*vma)->end, (pg & ~(w - 1)) + w);
-  }
-  const size_t n = (end - start) / page;
+// Moves the pages of `pm` in [start, end) (one VMA) back to system memory: setup, staging pages,
+// the pagemap's CopyToRam, commit, finalize.
+static Status MigrateRangeToRam(AddressSpace& as, DevicePagemap& pm, uintptr_t start,
+                                uintptr_t end) {
+  const size_t n = (end - start) / as.features().page_size;
   std::vector<uint64_t> src(n), dst(n);
   MigrateVma m;
   m.start = start;
@@ -465,6 +453,25 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
   return st;
 }
 
+Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
+  const size_t page = as.features().page_size;
+  const uintptr_t pg = addr & ~(page - 1);
+  DeviceEntry e;
+  if (as.options().migrate_timeslice.count() > 0 && as.device_entries().Find(pg, &e)) {
+    const auto until = e.migrated_at + as.options().migrate_timeslice;
+    if (std::chrono::steady_clock::now() < until) std::this_thread::sleep_until(until);
+  }
+  auto vma = as.FindVma(pg);
+  if (!vma.ok()) return vma.status();
+  uintptr_t start = pg, end = pg + page;
+  if (*vma) {
+    const uintptr_t w = as.options().fault_window * page;
+    start = std::max((*vma)->start, pg & ~(w - 1));
+    end = std::min((*vma)->end, (pg & ~(w - 1)) + w);
+  }
+  return MigrateRangeToRam(as, pm, start, end);
+}
+
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids) {
   const size_t page = as.features().page_size;
   std::vector<uintptr_t> vas;
@@ -479,33 +486,7 @@ Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const u
     size_t j = i + 1;
     while (j < vas.size() && vas[j] == vas[j - 1] + page && vas[j] < limit) ++j;
     const uintptr_t start = vas[i], end = vas[j - 1] + page;
-    const size_t n = (end - start) / page;
-    std::vector<uint64_t> src(n), dst(n);
-    MigrateVma m;
-    m.start = start;
-    m.end = end;
-    m.src = src;
-    m.dst = dst;
-    m.pgmap_owner = pm.owner();
-    m.flags = pm.kind() == PageKind::kDevicePrivate ? kSelectDevicePrivate : kSelectDeviceCoherent;
-    m.src_pagemap = &pm;
-    Status st = MigrateVmaSetup(as, m);
-    if (st.ok()) {
-      st = MigrateVmaAllocSystemPages(m);
-      if (st.ok() && m.cpages > 0) {
-        std::vector<uint64_t> sel;
-        std::vector<void*> to;
-        for (size_t k = 0; k < n; ++k) {
-          if (!(m.src[k] & migrate_pfn::kMigrate)) continue;
-          sel.push_back(migrate_pfn::DeviceId(m.src[k]));
-          to.push_back(migrate_pfn::SystemAddress(m.dst[k]));
-        }
-        st = pm.CopyToRam(sel, to);
-        if (!st.ok()) std::fill(m.dst.begin(), m.dst.end(), 0);
-      }
-      if (st.ok()) st = MigrateVmaPages(m);
-      MigrateVmaFinalize(m);
-    }
+    Status st = MigrateRangeToRam(as, pm, start, end);
     if (!st.ok() && first.ok()) first = st;
     i = j;
   }
