@@ -510,32 +510,19 @@ void MmMonitor::ReaderLoop() {
               AddressSpace::NoteFork();
               stats_.events_fork++;
               break;
-            case UFFD_EVENT_REMOVE: {
-              const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
-              bool expected = std::any_of(expects_.begin(), expects_.end(), [&](const Expect& x) {
-                return x.start <= s && e <= x.end;
-              });
-              if (expected) {
-                stats_.events_remove_expected++;
-                break;
-              }
-              stats_.events_remove++;
-              pending_changes_.fetch_add(1, std::memory_order_acq_rel);
-              if (Message* q = QueueLocked(m)) events_.Push(q);
-              queued_event = true;
-              break;
-            }
+            case UFFD_EVENT_REMOVE:
             case UFFD_EVENT_UNMAP: {
+              // hmmkit's own zaps and remaps (announced with ExpectRemove) are not the
+              // application's change: for a remap, the caller calls ForgetRange itself.
               const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
               bool expected = std::any_of(expects_.begin(), expects_.end(), [&](const Expect& x) {
                 return x.start <= s && e <= x.end;
               });
               if (expected) {
-                // hmmkit replaced the mapping itself and has called ForgetRange.
                 stats_.events_remove_expected++;
                 break;
               }
-              stats_.events_unmap++;
+              (m.event == UFFD_EVENT_REMOVE ? stats_.events_remove : stats_.events_unmap)++;
               pending_changes_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
