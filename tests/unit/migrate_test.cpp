@@ -117,11 +117,17 @@ TEST_F(MigrateTest, SetupRejectsBadArguments) {
   v.dst_pagemap = nullptr;
   EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "no destination pagemap";
   v.dst_pagemap = &pm;
-  v.end = m.end() + 64 * PageSize();
-  std::vector<uint64_t> big(68);
+  // A read-only neighbour is always a different VMA (an adjacent anonymous mapping may merge).
+  Mapping two(8 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  ASSERT_EQ(mprotect(two.page(4), 4 * PageSize(), PROT_READ), 0);
+  v.start = two.addr();
+  v.end = two.end();
+  std::vector<uint64_t> big(8);
   v.src = big;
   v.dst = big;
-  EXPECT_EQ(MigrateVmaSetup(*as_, v).errno_value(), EINVAL) << "more than one VMA";
+  Status st = MigrateVmaSetup(*as_, v);
+  EXPECT_EQ(st.errno_value(), EINVAL) << "more than one VMA";
+  if (st.ok()) MigrateVmaFinalize(v);
 }
 
 TEST_F(MigrateTest, RangeFaultReportsOwnPagesAndBringsOthersBack) {
