@@ -155,11 +155,6 @@ uintptr_t DeviceEntries::AddressOf(const DevicePagemap* pagemap, uint64_t id) {
   return it == reverse_.end() ? 0 : it->second;
 }
 
-bool DeviceEntries::empty() const {
-  MutexLock lock(mu_);
-  return entries_.empty();
-}
-
 size_t DeviceEntries::size() const {
   MutexLock lock(mu_);
   return entries_.size();
@@ -272,23 +267,28 @@ Status DeviceEntries::EnsureRouted(uintptr_t start, uintptr_t end) {
 Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   const uintptr_t pg = fault.address & ~(page_ - 1);
   WaitNoMigration(pg);
-  // A fault can overtake the event that moved or dropped the entries (mremap, munmap + mmap).
-  if (monitor.pending_changes() != 0) monitor.Sync();
+  // A fault at an mremap destination can overtake the REMAP event that moves the entries. (Only
+  // remaps: a fresh mapping at a reused address is not registered, so its faults never come
+  // here, and waiting on other events could wait on a device blocked in this very fault.)
+  if (monitor.pending_remaps() != 0) monitor.Sync();
 
-  DeviceEntry e;
-  if (!Find(pg, &e)) {
-    // An ordinary page of a routed range: resolve as the kernel would have.
+  // An ordinary page of a routed range: resolve as the kernel would have. Also the end of every
+  // path below where the entry went away (migrated back, or dropped by an unmap or clear that
+  // landed meanwhile): a fault is always resolved, never left asleep.
+  auto resolve_plain = [&]() {
     Status st = fault.wp ? monitor.WriteProtect(pg, page_, false) : monitor.ZeroPage(pg, page_);
-    if (!st.ok()) monitor.Wake(pg, page_).IgnoreError();
+    if (!st.ok()) monitor.Wake(pg, page_).IgnoreError();  // EEXIST: filled already
     return Status::Ok();
-  }
+  };
+  DeviceEntry e;
+  if (!Find(pg, &e)) return resolve_plain();
   if (fault.wp) {
     // The writer hit the page while it was write-protected for a migration that has since zapped
     // it: let it retry, it takes the missing-page path.
     return monitor.Wake(pg, page_);
   }
   Status st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
-  if (st.ok() && !Find(pg, nullptr)) return Status::Ok();
+  if (st.ok() && !Find(pg, nullptr)) return resolve_plain();
   if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
   // The data cannot come back: the access must fail, never read zeros (kernel: VM_FAULT_SIGBUS).
   Log().error("CPU fault at {:#x}: device page not migrated back ({}); poisoning the page",

@@ -73,7 +73,6 @@ class DeviceEntries final : public FaultHandler {
       EXCLUDES(mu_);
   // Where `pagemap` page `id` is mapped, or 0.
   uintptr_t AddressOf(const DevicePagemap* pagemap, uint64_t id) EXCLUDES(mu_);
-  bool empty() const EXCLUDES(mu_);
   size_t size() const EXCLUDES(mu_);
 
   // CPU-side changes seen by the monitor: the pages are gone (unmap, clear) or moved (mremap).

@@ -334,11 +334,6 @@ Status MmMonitor::RegisterLocked(uintptr_t start, uintptr_t end, VmaKind kind, b
   return st;
 }
 
-void MmMonitor::ForgetRegistered(uintptr_t start, uintptr_t end) {
-  MutexLock lock(reg_mu_);
-  IntervalSubtract(registered_, start, end);
-}
-
 Status MmMonitor::AddFaultHandler(uintptr_t start, uintptr_t end, FaultHandler& handler) {
   const uintptr_t page = as_.features().page_size;
   if (start >= end || (start | end) & (page - 1))
@@ -382,6 +377,11 @@ void MmMonitor::RemoveFaultHandler(FaultHandler& handler) {
 uint64_t MmMonitor::pending_changes() const {
   MutexLock lock(queue_mu_);
   return pending_changes_.load(std::memory_order_acquire);
+}
+
+uint64_t MmMonitor::pending_remaps() const {
+  MutexLock lock(queue_mu_);
+  return pending_remaps_.load(std::memory_order_acquire);
 }
 
 Status MmMonitor::RouteFaults(uintptr_t start, uintptr_t end, FaultHandler& handler) {
@@ -531,6 +531,7 @@ void MmMonitor::ReaderLoop() {
             case UFFD_EVENT_REMAP:
               stats_.events_remap++;
               pending_changes_.fetch_add(1, std::memory_order_acq_rel);
+              pending_remaps_.fetch_add(1, std::memory_order_acq_rel);
               if (Message* q = QueueLocked(m)) events_.Push(q);
               queued_event = true;
               break;
@@ -592,6 +593,7 @@ void MmMonitor::EventLoop() {
         }
         tree.Invalidate(NotifierRange{from, from + len, InvalidateEvent::kUnmap, nullptr});
         as_.OnCpuPagesMoved(from, to, len);
+        pending_remaps_.fetch_sub(1, std::memory_order_acq_rel);
         pending_changes_.fetch_sub(1, std::memory_order_acq_rel);
         break;
       }
@@ -631,7 +633,7 @@ void MmMonitor::FaultLoop() {
     find_handler();
     // A fault at the destination of an mremap can overtake the REMAP event that moves the
     // handler's range there: let the event thread catch up, then look again.
-    if (!handler && pending_changes() != 0) {
+    if (!handler && pending_remaps() != 0) {
       Sync();
       find_handler();
     }

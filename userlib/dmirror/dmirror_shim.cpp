@@ -61,39 +61,35 @@ int HandleOf(int fd) {
 
 extern "C" {
 
+// open, open64 and openat: a dmirror path becomes a device handle, anything else goes on to
+// `next` (looked up once per entry point). The mode argument exists only with O_CREAT/O_TMPFILE.
+#define HMMKIT_SHIM_MODE(flags, last)    \
+  mode_t mode = 0;                       \
+  if ((flags) & (O_CREAT | O_TMPFILE)) { \
+    va_list ap;                          \
+    va_start(ap, last);                  \
+    mode = mode_t(va_arg(ap, int));      \
+    va_end(ap);                          \
+  }
+
 int open(const char* path, int flags, ...) {
-  int index = DeviceIndex(path);
-  if (index >= 0) return OpenDevice(index, flags);
-  va_list ap;
-  va_start(ap, flags);
-  mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? mode_t(va_arg(ap, int)) : 0;
-  va_end(ap);
-  using Fn = int (*)(const char*, int, ...);
-  static Fn real = Next<Fn>("open");
+  if (int index = DeviceIndex(path); index >= 0) return OpenDevice(index, flags);
+  HMMKIT_SHIM_MODE(flags, flags)
+  static auto real = Next<int (*)(const char*, int, ...)>("open");
   return real(path, flags, mode);
 }
 
 int open64(const char* path, int flags, ...) {
-  int index = DeviceIndex(path);
-  if (index >= 0) return OpenDevice(index, flags);
-  va_list ap;
-  va_start(ap, flags);
-  mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? mode_t(va_arg(ap, int)) : 0;
-  va_end(ap);
-  using Fn = int (*)(const char*, int, ...);
-  static Fn real = Next<Fn>("open64");
+  if (int index = DeviceIndex(path); index >= 0) return OpenDevice(index, flags);
+  HMMKIT_SHIM_MODE(flags, flags)
+  static auto real = Next<int (*)(const char*, int, ...)>("open64");
   return real(path, flags, mode);
 }
 
 int openat(int dirfd, const char* path, int flags, ...) {
-  int index = DeviceIndex(path);
-  if (index >= 0) return OpenDevice(index, flags);
-  va_list ap;
-  va_start(ap, flags);
-  mode_t mode = (flags & (O_CREAT | O_TMPFILE)) ? mode_t(va_arg(ap, int)) : 0;
-  va_end(ap);
-  using Fn = int (*)(int, const char*, int, ...);
-  static Fn real = Next<Fn>("openat");
+  if (int index = DeviceIndex(path); index >= 0) return OpenDevice(index, flags);
+  HMMKIT_SHIM_MODE(flags, flags)
+  static auto real = Next<int (*)(int, const char*, int, ...)>("openat");
   return real(dirfd, path, flags, mode);
 }
 

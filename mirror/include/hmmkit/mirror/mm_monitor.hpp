@@ -122,7 +122,14 @@ class MmMonitor {
   // entries, fault routing) is stale while this is non-zero: callers that look it up Sync first.
   // Taken under the queue lock: the reader holds it from read() until the event is queued and
   // counted, so an event whose system call has returned is always seen.
+  // For application threads only (RangeFault, migrations): the fault thread must not wait for
+  // the event thread in general, because an invalidation callback may wait on a device that is
+  // itself blocked in a CPU fault (a device reading a page the application just cleared).
   uint64_t pending_changes() const EXCLUDES(queue_mu_);
+  // mremap events not yet dispatched. The one wait the fault thread takes: a fault at the
+  // destination of an mremap needs the moved routing and device entries, and no device holds a
+  // translation for an address it has never faulted.
+  uint64_t pending_remaps() const EXCLUDES(queue_mu_);
 
   // Announces that hmmkit itself is about to MADV_DONTNEED or remap [start, end) (after raising
   // kMigrate), so that the REMOVE or UNMAP event it causes is not reported again as kClear/kUnmap.
@@ -168,7 +175,6 @@ class MmMonitor {
   uint64_t RegisterModes(VmaKind kind, bool missing) const;
   Status RegisterLocked(uintptr_t start, uintptr_t end, VmaKind kind, bool missing)
       REQUIRES(reg_mu_);
-  void ForgetRegistered(uintptr_t start, uintptr_t end) EXCLUDES(reg_mu_);
   void TrimHandlersLocked(uintptr_t start, uintptr_t end) REQUIRES(reg_mu_);
   void MoveHandlersLocked(uintptr_t from, uintptr_t to, size_t len) REQUIRES(reg_mu_);
 
@@ -229,6 +235,7 @@ class MmMonitor {
   Stats stats_ GUARDED_BY(stats_mu_);
 
   std::atomic<uint64_t> pending_changes_{0};
+  std::atomic<uint64_t> pending_remaps_{0};
 
   std::thread reader_;
   std::thread event_thread_;
