@@ -27,6 +27,11 @@ target_compile_options(dmirror_client PRIVATE -Wall -Wextra -Wshadow)
 if(HMMKIT_WERROR)
   target_compile_options(dmirror_client PRIVATE -Werror)
 endif()
+if(HMMKIT_SANITIZE)
+  # The preloaded C++ library calls into the C++ parts of the sanitizer runtimes (UBSan's vptr
+  # checks), which the C driver does not link into a C executable.
+  set_target_properties(dmirror_client PROPERTIES LINKER_LANGUAGE CXX)
+endif()
 
 if(TARGET hmmkit_dmirror_shim)
   # Under ASan the preloaded shim loads ahead of the executable's ASan runtime.

@@ -122,7 +122,8 @@ void DeviceEntries::Insert(uintptr_t va, const DeviceEntry& e) {
       replaced = true;
       EraseLocked(it);
     }
-    entries_[va] = e;
+    DeviceEntry& added = entries_[va] = e;
+    added.generation = next_generation_++;
     if (!e.exclusive) reverse_[PageKey{e.pagemap, e.id}] = va;
   }
   if (replaced) {
@@ -258,10 +259,12 @@ Status DeviceEntries::EnsureRouted(uintptr_t start, uintptr_t end) {
   auto vma = as_.FindVma(start);
   if (!vma.ok()) return vma.status();
   if (!*vma) return Status::FromErrno(EINVAL, fmt::format("no VMA at {:#x}", start));
-  const uintptr_t g = as_.options().granule;
-  const uintptr_t s = std::max((*vma)->start, start & ~(g - 1));
-  const uintptr_t e = std::min((*vma)->end, (end + g - 1) & ~(g - 1));
-  return monitor->RouteFaults(s, e, *this);
+  // Exactly the migrated pages, never a whole granule: a VMA may hold memory merged in from
+  // others (a malloc arena, a sanitizer's metadata), and a first touch of such a page would become
+  // a missing-page fault that only the fault thread can resolve. A thread touching it while
+  // holding a lock that the fault thread takes would deadlock (seen under ASan: its stack depot
+  // merged with a test buffer's VMA). The cost is a VMA split per routed range.
+  return monitor->RouteFaults(std::max((*vma)->start, start), std::min((*vma)->end, end), *this);
 }
 
 Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
@@ -272,23 +275,36 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   // here, and waiting on other events could wait on a device blocked in this very fault.)
   if (monitor.pending_remaps() != 0) monitor.Sync();
 
-  // An ordinary page of a routed range: resolve as the kernel would have. Also the end of every
-  // path below where the entry went away (migrated back, or dropped by an unmap or clear that
-  // landed meanwhile): a fault is always resolved, never left asleep.
-  auto resolve_plain = [&]() {
-    Status st = fault.wp ? monitor.WriteProtect(pg, page_, false) : monitor.ZeroPage(pg, page_);
-    if (!st.ok()) monitor.Wake(pg, page_).IgnoreError();  // EEXIST: filled already
-    return Status::Ok();
+  // Decides with migrations of the page held off (the kernel decides under the PTE lock): a
+  // migration starting between the look and the resolution would copy a page we then fill or
+  // make writable, and lose what the woken thread writes.
+  //  - no entry: an ordinary page of a routed range (or one whose entry went away: migrated back,
+  //    or dropped by an unmap or clear): resolve it as the kernel would have;
+  //  - a different entry than `seen`: the page went back and to a device again meanwhile: wake
+  //    the thread, it faults once more;
+  //  - the same entry: returns false, the page is still on the device.
+  // A fault is always resolved, never left asleep.
+  auto resolve_unless_on_device = [&](const DeviceEntry* seen, DeviceEntry* out) {
+    BeginMigration(pg, pg + page_);
+    DeviceEntry now;
+    bool on_device = Find(pg, &now);
+    if (!on_device) {
+      Status st = fault.wp ? monitor.WriteProtect(pg, page_, false) : monitor.ZeroPage(pg, page_);
+      if (!st.ok()) monitor.Wake(pg, page_).IgnoreError();  // EEXIST: filled already
+    } else if (fault.wp || (seen && now.generation != seen->generation)) {
+      // wp: the writer hit the page while it was write-protected for a migration that has since
+      // zapped it; it retries and takes the missing-page path.
+      monitor.Wake(pg, page_).IgnoreError();
+      on_device = false;
+    }
+    EndMigration(pg, pg + page_);
+    if (out) *out = now;
+    return !on_device;
   };
   DeviceEntry e;
-  if (!Find(pg, &e)) return resolve_plain();
-  if (fault.wp) {
-    // The writer hit the page while it was write-protected for a migration that has since zapped
-    // it: let it retry, it takes the missing-page path.
-    return monitor.Wake(pg, page_);
-  }
+  if (resolve_unless_on_device(nullptr, &e)) return Status::Ok();
   Status st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
-  if (st.ok() && !Find(pg, nullptr)) return resolve_plain();
+  if (st.ok() && resolve_unless_on_device(&e, nullptr)) return Status::Ok();
   if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
   // The data cannot come back: the access must fail, never read zeros (kernel: VM_FAULT_SIGBUS).
   Log().error("CPU fault at {:#x}: device page not migrated back ({}); poisoning the page",

@@ -36,6 +36,9 @@ struct DeviceEntry {
   const void* exclusive_owner = nullptr;
   void* data = nullptr;  // exclusive: where the bytes are
   std::chrono::steady_clock::time_point migrated_at;
+  // Set by Insert, unique per entry: a page migrated back and straight to the device again has a
+  // new entry at the same address, which must not be taken for the old one.
+  uint64_t generation = 0;
 };
 
 // Page-sized staging buffers, carved from 2 MiB mmaps (never malloc: used on the fault path).
@@ -90,7 +93,7 @@ class DeviceEntries final : public FaultHandler {
   void Unpin(uintptr_t start, uintptr_t end) EXCLUDES(mu_);
   bool Pinned(uintptr_t va) EXCLUDES(mu_);
 
-  // Makes sure [start, end) (clipped to its VMA, expanded to the granule) routes missing-page
+  // Makes sure [start, end) (clipped to its VMA, page-exact) routes missing-page
   // faults here. Errors: ENOTSUP without a monitor, registration errors.
   Status EnsureRouted(uintptr_t start, uintptr_t end) EXCLUDES(mu_);
 
@@ -113,6 +116,7 @@ class DeviceEntries final : public FaultHandler {
   mutable Mutex mu_;
   CondVar cv_;                                                // a migration ended
   std::map<uintptr_t, DeviceEntry> entries_ GUARDED_BY(mu_);  // page VA -> entry
+  uint64_t next_generation_ GUARDED_BY(mu_) = 1;
   struct PageKey {
     const DevicePagemap* pagemap;
     uint64_t id;

@@ -232,9 +232,21 @@ Status MmMonitor::Open() {
 }
 
 void MmMonitor::Start() {
-  reader_ = std::thread([this] { ReaderLoop(); });
-  event_thread_ = std::thread([this] { EventLoop(); });
-  fault_thread_ = std::thread([this] { FaultLoop(); });
+  auto running = [this](void (MmMonitor::*loop)()) {
+    return std::thread([this, loop] {
+      {
+        MutexLock lock(start_mu_);
+        ++started_;
+      }
+      start_cv_.NotifyAll();
+      (this->*loop)();
+    });
+  };
+  reader_ = running(&MmMonitor::ReaderLoop);
+  event_thread_ = running(&MmMonitor::EventLoop);
+  fault_thread_ = running(&MmMonitor::FaultLoop);
+  MutexLock lock(start_mu_);
+  start_cv_.Wait(start_mu_, [this]() REQUIRES(start_mu_) { return started_ == 3; });
 }
 
 MmMonitor::~MmMonitor() {

@@ -285,7 +285,7 @@ TEST_P(DmirrorParity, SnapshotOfSevenPageMix) {
   //   2: read by the CPU (zero page)  3: written, then made read-only
   //   4: written                      5: migrated to this device
   //   6: migrated to the other device of the same kind
-  Buffer b(7);
+  Buffer b = Buffer::BelowFreeGap(7);
   ASSERT_TRUE(b.mapped());
   ASSERT_EQ(munmap(b.page(0), PageSize()), 0);
   ASSERT_EQ(*reinterpret_cast<volatile int*>(b.page(2)), 0);

@@ -117,6 +117,10 @@ class Buffer {
   // npages + align bytes, trimmed at both ends.
   static Buffer Aligned(size_t npages, size_t align, int prot = PROT_READ | PROT_WRITE,
                         int flags = MAP_PRIVATE | MAP_ANONYMOUS);
+  // `npages` anonymous pages with 64 MiB left free right above them, for tests that punch holes:
+  // the kernel puts a new mapping in the highest free gap that fits, so the small mmaps of other
+  // threads (a sanitizer's allocator, say) go there and do not refill the hole under the test.
+  static Buffer BelowFreeGap(size_t npages, int prot = PROT_READ | PROT_WRITE);
   ~Buffer() { Unmap(); }
   Buffer(Buffer&& o) noexcept;
   Buffer& operator=(Buffer&& o) noexcept;

@@ -176,7 +176,7 @@ TEST_P(DmirrorParity, MigrateMixedRangesAndAnotherDevicesPage) {
   DeviceHandle other(peer());
   ASSERT_TRUE(other.ok());
   // Given six PROT_NONE pages
-  Buffer b(6, PROT_NONE);
+  Buffer b = Buffer::BelowFreeGap(6, PROT_NONE);
   ASSERT_TRUE(b.mapped());
   auto migrate = [&](int handle, size_t first, size_t npages, hmm_dmirror_cmd* cmd = nullptr) {
     return Cmd(handle, kMigrateToDev, uintptr_t(b.page(first)), b.bounce(), npages, cmd);

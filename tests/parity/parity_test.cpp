@@ -147,6 +147,21 @@ Buffer Buffer::Aligned(size_t npages, size_t align, int prot, int flags) {
   return b;
 }
 
+Buffer Buffer::BelowFreeGap(size_t npages, int prot) {
+  Buffer b;
+  const size_t len = npages * PageSize(), gap = size_t(64) << 20;
+  void* raw = mmap(nullptr, len + gap, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) {
+    b.map_errno_ = errno;
+    return b;
+  }
+  munmap(static_cast<char*>(raw) + len, gap);
+  b.ptr_ = static_cast<char*>(raw);
+  b.len_ = len;
+  b.bounce_.assign(b.nints(), 0);
+  return b;
+}
+
 Buffer::Buffer(Buffer&& o) noexcept
     : ptr_(o.ptr_), len_(o.len_), map_errno_(o.map_errno_), bounce_(std::move(o.bounce_)) {
   o.ptr_ = nullptr;
@@ -338,7 +353,7 @@ TEST_P(DmirrorParity, OpenOfNoSuchDeviceIsEnodev) {
 
 TEST_P(DmirrorParity, ReadOfUnmappedPageIsEfault) {
   // Given a written buffer with a hole punched in its middle
-  Buffer b(4);
+  Buffer b = Buffer::BelowFreeGap(4);
   ASSERT_TRUE(b.mapped());
   FillInts(b.ints(), b.nints(), Seq);
   ASSERT_EQ(munmap(b.page(2), PageSize()), 0);

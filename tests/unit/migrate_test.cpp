@@ -224,6 +224,28 @@ TEST_F(MigrateTest, PartialMunmapOfMigratedHugePageThenFaultBackTheRest) {
   m.Release();
 }
 
+TEST_F(MigrateTest, OnlyMigratedPagesTakeMissingFaults) {
+  if (!as_->monitor()->watches_anon_with_wp())
+    GTEST_SKIP() << "anon ranges are watched in missing mode here: every first touch faults";
+  // Given one VMA of 8 pages, of which only page 0 migrates (the rest stands for memory someone
+  // else owns in the same VMA: a VMA can be merged from several mmaps)
+  const size_t n = 8;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, 1, 3);
+  TestPagemap pm(4, PageKind::kDevicePrivate, &owner_a, as_.get());
+  Status mst = MigrateToDevice(*as_, pm, m.addr(), m.addr() + PageSize());
+  ASSERT_TRUE(mst.ok()) << mst.ToString();
+  // When the CPU first touches the never-touched pages next to it
+  const uint64_t before = as_->monitor()->stats().faults;
+  for (size_t i = 1; i < n; ++i) reinterpret_cast<volatile char*>(m.page(i))[0] = 1;
+  // Then none of them went through the fault thread (a thread touching such memory while holding
+  // a lock that the fault thread takes would deadlock)
+  EXPECT_EQ(as_->monitor()->stats().faults, before);
+  // And a touch of the migrated page does, and brings its data back
+  EXPECT_TRUE(Check(m.data(), 1, 3));
+  EXPECT_EQ(as_->monitor()->stats().faults, before + 1);
+}
+
 TEST_F(MigrateTest, ConcurrentWriterLosesNoIncrement) {
   // Given a writer incrementing a counter while the page keeps migrating to the device
   Mapping m(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);

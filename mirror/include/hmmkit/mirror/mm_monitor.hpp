@@ -94,6 +94,9 @@ class MmMonitor {
   MmMonitor& operator=(const MmMonitor&) = delete;
 
   UffdOpenMode open_mode() const { return open_mode_; }
+  // True when anonymous ranges are watched in write-protect mode: the first touch of a watched
+  // page does not fault (only routed ranges take missing-page faults).
+  bool watches_anon_with_wp() const { return wp_anon_; }
   int fd() const { return uffd_; }
   uint64_t features() const { return features_; }
 
@@ -236,6 +239,13 @@ class MmMonitor {
 
   std::atomic<uint64_t> pending_changes_{0};
   std::atomic<uint64_t> pending_remaps_{0};
+
+  // Start() returns only once all three threads run their loops: a thread still in its start-up
+  // (a sanitizer's stack unwinder, a lazy TLS allocation) may read memory we have registered,
+  // and the fault thread must never wait on a fault that only it can resolve.
+  Mutex start_mu_;
+  CondVar start_cv_;
+  int started_ GUARDED_BY(start_mu_) = 0;
 
   std::thread reader_;
   std::thread event_thread_;
