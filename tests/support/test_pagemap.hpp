@@ -16,6 +16,7 @@
 
 #include "hmmkit/mirror/device_pages.hpp"
 #include "hmmkit/mirror/migrate.hpp"
+#include "test_support.hpp"
 
 namespace hmmkit::test {
 
@@ -115,7 +116,7 @@ inline Status MigrateVmaToDevice(AddressSpace& as, TestPagemap& pm, uintptr_t st
     if (id < 0) continue;
     void* to = pm.PageData(uint64_t(id));
     if (m.src[i] & migrate_pfn::kValid)
-      std::memcpy(to, migrate_pfn::SystemAddress(m.src[i]), page);
+      CopyWriteProtectedPage(to, migrate_pfn::SystemAddress(m.src[i]), page);
     else
       std::memset(to, 0, page);
     m.dst[i] = migrate_pfn::FromDevice(uint64_t(id));

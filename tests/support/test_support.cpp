@@ -125,6 +125,23 @@ constexpr bool kTsan = false;
 #endif
 }  // namespace
 
+#if defined(__SANITIZE_THREAD__) || (defined(__has_feature) && __has_feature(thread_sanitizer))
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
+
+void CopyWriteProtectedPage(void* dst, const void* src, size_t len) {
+  // Writers of `src` are ordered before this copy by the kernel (the write-protect ioctl of
+  // MigrateVmaSetup), an edge ThreadSanitizer cannot see; it would report their last writes.
+#if defined(__SANITIZE_THREAD__) || (defined(__has_feature) && __has_feature(thread_sanitizer))
+  __tsan_ignore_thread_begin();
+  std::memcpy(dst, src, len);
+  __tsan_ignore_thread_end();
+#else
+  std::memcpy(dst, src, len);
+#endif
+}
+
 const char* InterpositionUnavailableReason() {
   return kTsan ? "ThreadSanitizer interposes munmap/mprotect itself; libhmmkit_interpose cannot "
                  "come first"

@@ -79,6 +79,9 @@ const char* InterpositionUnavailableReason();
 // the kernel until the monitor reads UFFD_EVENT_FORK; ThreadSanitizer holds its runtime locks
 // across fork(), and the monitor's reader needs them for its first instrumented lock.
 const char* ForkWithMonitorUnavailableReason();
+// memcpy of a page collected by MigrateVmaSetup (write-protected, so writers wait), told to
+// ThreadSanitizer as ordered: the kernel orders the writers, out of its sight.
+void CopyWriteProtectedPage(void* dst, const void* src, size_t len);
 
 // True when THP can be obtained with MADV_HUGEPAGE (mode always or madvise).
 bool ThpAvailable();
