@@ -7,6 +7,11 @@
 #include <cstdlib>
 #include <cstring>
 
+// ThreadSanitizer's annotation entry points; weak, so that other builds link without them (they
+// are only called when kTsan is true).
+extern "C" void __tsan_ignore_thread_begin() __attribute__((weak));
+extern "C" void __tsan_ignore_thread_end() __attribute__((weak));
+
 namespace hmmkit::test {
 
 Mapping::Mapping(size_t len, int prot, int flags, int fd, off_t offset) : len_(len) {
@@ -125,21 +130,17 @@ constexpr bool kTsan = false;
 #endif
 }  // namespace
 
-#if defined(__SANITIZE_THREAD__) || (defined(__has_feature) && __has_feature(thread_sanitizer))
-extern "C" void __tsan_ignore_thread_begin();
-extern "C" void __tsan_ignore_thread_end();
-#endif
 
 void CopyWriteProtectedPage(void* dst, const void* src, size_t len) {
   // Writers of `src` are ordered before this copy by the kernel (the write-protect ioctl of
   // MigrateVmaSetup), an edge ThreadSanitizer cannot see; it would report their last writes.
-#if defined(__SANITIZE_THREAD__) || (defined(__has_feature) && __has_feature(thread_sanitizer))
-  __tsan_ignore_thread_begin();
-  std::memcpy(dst, src, len);
-  __tsan_ignore_thread_end();
-#else
-  std::memcpy(dst, src, len);
-#endif
+  if constexpr (kTsan) {
+    __tsan_ignore_thread_begin();
+    std::memcpy(dst, src, len);
+    __tsan_ignore_thread_end();
+  } else {
+    std::memcpy(dst, src, len);
+  }
 }
 
 const char* InterpositionUnavailableReason() {
