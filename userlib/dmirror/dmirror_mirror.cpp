@@ -13,6 +13,7 @@
 
 #include "dmirror_device.hpp"
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/driver/device_migration.hpp"
 #include "hmmkit/mirror/migrate.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
 
@@ -238,94 +239,10 @@ Status Mirror::MapDevicePagesLocked(uintptr_t start, std::span<const DevicePageI
 }
 
 Status Mirror::MigrateVmaToDevice(uintptr_t start, uintptr_t end, uint64_t* migrated) {
-  const size_t n = (end - start) / kPage;
-  std::vector<uint64_t> src(n), dst(n);
-  MigrateVma m;
-  m.start = start;
-  m.end = end;
-  m.src = src;
-  m.dst = dst;
-  m.pgmap_owner = &dev_;
-  m.flags = kSelectSystem | kSelectCompound;
-  m.dst_pagemap = dev_.memory.get();
-  HMMKIT_RETURN_IF_ERROR(MigrateVmaSetup(ctx_.as(), m));
-  driver::DeviceMemory& mem = *dev_.memory;
-  auto wanted = [&](size_t i) { return (m.src[i] & migrate_pfn::kMigrate) != 0; };
-
-  // Device pages: a whole 2 MiB device folio for each aligned, fully collected 2 MiB block (one
-  // reference per subpage: each becomes one CPU entry), 4 KiB pages for the rest or when the huge
-  // allocation fails.
-  Status alloc_error = Status::Ok();
-  const size_t per_chunk = mem.pages_per_chunk();
-  for (size_t i = 0; i < n;) {
-    const uintptr_t va = start + i * kPage;
-    const bool block = (va % (per_chunk * kPage)) == 0 && i + per_chunk <= n &&
-                       std::all_of(m.src.begin() + i, m.src.begin() + i + per_chunk,
-                                   [](uint64_t s) { return (s & migrate_pfn::kMigrate) != 0; });
-    if (block) {
-      auto head = mem.AllocChunk();
-      if (head.ok()) {
-        for (size_t k = 0; k < per_chunk; ++k) {
-          if (k) mem.GetPage(*head);
-          m.dst[i + k] = migrate_pfn::FromDevice(*head + k);
-        }
-        i += per_chunk;
-        continue;
-      }
-    }
-    size_t j = i;
-    while (j < n && wanted(j) && (j == i || (start + j * kPage) % (per_chunk * kPage) != 0)) ++j;
-    if (j == i) {
-      ++i;
-      continue;
-    }
-    auto ids = mem.AllocPages(j - i);
-    if (!ids.ok()) {
-      alloc_error = ids.status();
-      break;
-    }
-    for (size_t k = i; k < j; ++k) m.dst[k] = migrate_pfn::FromDevice((*ids)[k - i]);
-    i = j;
-  }
-
-  // Copy with the DMA engine: system -> device, or zero-fill for holes and the zero page.
-  std::vector<dma::Descriptor> batch;
-  std::vector<size_t> index;
-  for (size_t i = 0; i < n; ++i) {
-    if (!wanted(i) || !(m.dst[i] & migrate_pfn::kValid)) continue;
-    dma::Endpoint to{mem.PageData(migrate_pfn::DeviceId(m.dst[i])), dma::Memory::kDevice};
-    batch.push_back(
-        (m.src[i] & migrate_pfn::kValid)
-            ? dma::Descriptor::Copy(
-                  to,
-                  dma::ConstEndpoint(migrate_pfn::SystemAddress(m.src[i]), dma::Memory::kSystem),
-                  kPage)
-            : dma::Descriptor::Fill(to, 0, kPage));
-    index.push_back(i);
-  }
-  Status copied = Status::Ok();
-  if (!batch.empty()) {
-    auto fence = ctx_.dma().Submit(batch);
-    if (!fence.ok()) {
-      copied = fence.status();
-    } else {
-      fence->Wait().IgnoreError();  // per-descriptor results below
-      auto results = fence->results();
-      for (size_t k = 0; k < index.size(); ++k)
-        if (!results[k].ok()) {
-          if (copied.ok()) copied = results[k];
-          mem.PutPage(migrate_pfn::DeviceId(m.dst[index[k]]));  // not handed to Finalize
-          m.dst[index[k]] = 0;
-        }
-    }
-  }
-  Status st = MigrateVmaPages(m);
-  MigrateVmaFinalize(m);
-  for (size_t i = 0; i < n; ++i)
-    if (wanted(i) && (m.dst[i] & migrate_pfn::kValid)) ++*migrated;
-  if (!alloc_error.ok()) return alloc_error;
-  if (!copied.ok()) return copied;
-  return st;
+  auto r = driver::MigrateToDevice(ctx_.as(), *dev_.memory, ctx_.dma(), start, end);
+  if (!r.ok()) return r.status();
+  *migrated += r->migrated;
+  return Status::Ok();
 }
 
 Status Mirror::MigrateToDevice(uintptr_t start, uintptr_t end, uint64_t* migrated) {
@@ -347,44 +264,16 @@ Status Mirror::MigrateToDevice(uintptr_t start, uintptr_t end, uint64_t* migrate
 Status Mirror::MigrateToSystem(uintptr_t start, uintptr_t end, uint64_t* migrated) {
   auto vmas = ctx_.as().FindVmas(start, end);
   if (!vmas.ok()) return vmas.status();
-  driver::DeviceMemory& mem = *dev_.memory;
   for (const Vma& v : *vmas) {
-    const uintptr_t s = std::max<uintptr_t>(v.start, start), e = std::min<uintptr_t>(v.end, end);
-    const size_t n = (e - s) / kPage;
-    std::vector<uint64_t> src(n), dst(n);
-    MigrateVma m;
-    m.start = s;
-    m.end = e;
-    m.src = src;
-    m.dst = dst;
-    m.pgmap_owner = &dev_;
-    m.flags = dev_.kind == PageKind::kDevicePrivate ? kSelectDevicePrivate : kSelectDeviceCoherent;
-    m.src_pagemap = &mem;
-    HMMKIT_RETURN_IF_ERROR(MigrateVmaSetup(ctx_.as(), m));
-    Status st = Status::Ok();
     // FAIL_ALLOC on the way back fails the huge system allocation; hmmkit's staging pages are
     // always 4 KiB, which is the fallback the kernel takes: nothing else changes.
-    if (m.cpages > 0 && dev_.fail_system_alloc.exchange(false))
+    if (dev_.fail_system_alloc.exchange(false))
       Log().debug("dmirror{}: FAIL_ALLOC on migrate back: 4 KiB system pages", dev_.index);
-    if (m.cpages > 0) st = MigrateVmaAllocSystemPages(m);
-    if (st.ok() && m.cpages > 0) {
-      std::vector<dma::Descriptor> batch;
-      for (size_t i = 0; i < n; ++i) {
-        if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
-        batch.push_back(dma::Descriptor::Copy(
-            dma::Endpoint{migrate_pfn::SystemAddress(m.dst[i]), dma::Memory::kSystem},
-            dma::ConstEndpoint(mem.PageData(migrate_pfn::DeviceId(m.src[i])), dma::Memory::kDevice),
-            kPage));
-      }
-      auto fence = ctx_.dma().Submit(batch);
-      st = fence.ok() ? fence->Wait() : fence.status();
-      if (!st.ok()) std::fill(m.dst.begin(), m.dst.end(), 0);
-    }
-    if (st.ok()) st = MigrateVmaPages(m);
-    MigrateVmaFinalize(m);
-    for (size_t i = 0; i < n; ++i)
-      if ((m.src[i] & migrate_pfn::kMigrate) && (m.dst[i] & migrate_pfn::kValid)) ++*migrated;
-    HMMKIT_RETURN_IF_ERROR(st);
+    auto r = driver::MigrateToSystem(ctx_.as(), *dev_.memory, ctx_.dma(),
+                                     std::max<uintptr_t>(v.start, start),
+                                     std::min<uintptr_t>(v.end, end));
+    if (!r.ok()) return r.status();
+    *migrated += r->migrated;
   }
   return Status::Ok();
 }
