@@ -1,0 +1,312 @@
+// SvmManager: chunk selection, the fault policy (migrate or map remotely), partial unmap and
+// garbage collection, eviction under pressure, thrashing detection, residency and errors. The
+// device side is a recording SvmDeviceOps: what is mapped, page by page.
+#include "hmmkit/driver/svm_manager.hpp"
+
+#include <sys/mman.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+
+#include <gtest/gtest.h>
+
+#include "hmmkit/dma/cpu_engine.hpp"
+#include "hmmkit/mirror/migrate.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
+#include "hmmkit/mirror/range_fault.hpp"
+#include "test_support.hpp"
+
+namespace hmmkit::test {
+namespace {
+
+using driver::DeviceMemory;
+using driver::Residency;
+using driver::SvmManager;
+
+constexpr size_t kMiB = size_t(1) << 20;
+
+// The device page table of the test: one hmm_pfn entry per mapped page.
+class RecordingOps final : public driver::SvmDeviceOps {
+ public:
+  Status MapPages(uintptr_t start, std::span<const uint64_t> pfns) override {
+    std::lock_guard lock(mu_);
+    for (size_t i = 0; i < pfns.size(); ++i) mapped_[start + i * PageSize()] = pfns[i];
+    maps_++;
+    return Status::Ok();
+  }
+  void UnmapPages(uintptr_t start, uintptr_t end) override {
+    std::lock_guard lock(mu_);
+    mapped_.erase(mapped_.lower_bound(start), mapped_.lower_bound(end));
+    unmaps_++;
+  }
+  // The entry mapped for the page at va, or 0.
+  uint64_t At(uintptr_t va) {
+    std::lock_guard lock(mu_);
+    auto it = mapped_.find(va);
+    return it == mapped_.end() ? 0 : it->second;
+  }
+  size_t Count(uintptr_t start, uintptr_t end) {
+    std::lock_guard lock(mu_);
+    return size_t(std::distance(mapped_.lower_bound(start), mapped_.lower_bound(end)));
+  }
+  uint64_t unmaps() {
+    std::lock_guard lock(mu_);
+    return unmaps_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<uintptr_t, uint64_t> mapped_;
+  uint64_t maps_ = 0, unmaps_ = 0;
+};
+
+int owner;
+
+class SvmManagerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    as_ = MakeAddressSpace({});
+    ASSERT_TRUE(as_);
+    if (!as_->monitor()) GTEST_SKIP() << "no userfaultfd monitor";
+    auto dma = dma::CpuDmaEngine::Create({});
+    ASSERT_TRUE(dma.ok()) << dma.status().ToString();
+    dma_ = std::move(*dma);
+  }
+  void TearDown() override {
+    svm_.reset();
+    mem_.reset();
+    dma_.reset();
+    as_.reset();
+  }
+  // Device memory of `capacity` bytes; with evict, exhaustion evicts by device page.
+  void MakeDevice(size_t capacity, bool evict, SvmManager::Options o = {}) {
+    DeviceMemory::Options mo;
+    mo.capacity = capacity;
+    mo.owner = &owner;
+    mo.name = "svm-test";
+    mo.huge_pages = false;
+    if (evict) {
+      AddressSpace* space = as_.get();
+      mo.evict = [space](DeviceMemory& mem, std::span<const uint64_t> ids) {
+        return MigrateDevicePages(*space, mem, ids);
+      };
+    }
+    auto mem = DeviceMemory::Create(mo);
+    ASSERT_TRUE(mem.ok()) << mem.status().ToString();
+    mem_ = std::move(*mem);
+    auto svm = SvmManager::Create(as_, *mem_, *dma_, ops_, o);
+    ASSERT_TRUE(svm.ok()) << svm.status().ToString();
+    svm_ = std::move(*svm);
+  }
+  static void Fill(char* p, size_t len, uint8_t seed) {
+    for (size_t i = 0; i < len; i += 64) p[i] = char(seed + i / 64);
+  }
+  static bool Check(const char* p, size_t len, uint8_t seed) {
+    for (size_t i = 0; i < len; i += 64)
+      if (reinterpret_cast<const volatile char*>(p)[i] != char(seed + i / 64)) return false;
+    return true;
+  }
+
+  std::shared_ptr<AddressSpace> as_;
+  std::unique_ptr<dma::CpuDmaEngine> dma_;
+  std::shared_ptr<DeviceMemory> mem_;
+  RecordingOps ops_;
+  std::unique_ptr<SvmManager> svm_;
+};
+
+TEST_F(SvmManagerTest, BadOptionsAreEinval) {
+  MakeDevice(2 * kMiB, false);
+  SvmManager::Options o;
+  o.chunk_sizes = {64 << 10, 2 * kMiB, 4096};
+  EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL);
+  o.chunk_sizes = {2 * kMiB, 64 << 10};
+  EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL)
+      << "the smallest chunk must be the page size";
+  o = {};
+  o.window = kMiB;
+  EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL)
+      << "window smaller than the largest chunk";
+}
+
+TEST_F(SvmManagerTest, RangesAreTheLargestAlignedChunkInsideTheVma) {
+  MakeDevice(8 * kMiB, false);
+  // Given a 4 MiB VMA aligned to 2 MiB
+  Mapping big = Mapping::AlignedAnon(4 * kMiB, 2 * kMiB);
+  // When the device faults in its second half
+  ASSERT_TRUE(svm_->HandleFault(big.addr() + 3 * kMiB + 100, false).ok());
+  // Then the range is that aligned 2 MiB chunk
+  auto ranges = svm_->Ranges();
+  ASSERT_EQ(ranges.size(), 1u);
+  EXPECT_EQ(ranges[0].first, big.addr() + 2 * kMiB);
+  EXPECT_EQ(ranges[0].second, big.addr() + 4 * kMiB);
+  EXPECT_EQ(ops_.Count(big.addr() + 2 * kMiB, big.end()), 512u);
+  EXPECT_EQ(ops_.Count(big.addr(), big.addr() + 2 * kMiB), 0u);
+
+  // Given a 96 KiB VMA starting on a 64 KiB boundary (and not on a 2 MiB one)
+  Mapping room = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  const uintptr_t base = room.addr() + 64 * 1024;
+  ASSERT_EQ(munmap(room.data(), 64 * 1024), 0);
+  ASSERT_EQ(munmap(reinterpret_cast<void*>(base + 96 * 1024), 2 * kMiB - 160 * 1024), 0);
+  room.Release();
+  // When the device faults at its first page and at its last page
+  ASSERT_TRUE(svm_->HandleFault(base + 4096, false).ok());
+  ASSERT_TRUE(svm_->HandleFault(base + 92 * 1024, false).ok());
+  // Then the first range is 64 KiB, the second a single page (64 KiB would cross the VMA end)
+  ranges = svm_->Ranges();
+  ASSERT_EQ(ranges.size(), 3u);
+  EXPECT_EQ(ranges[0], std::make_pair(base, base + 64 * 1024)) << std::hex << ranges[0].first;
+  EXPECT_EQ(ranges[1], std::make_pair(base + 92 * 1024, base + 96 * 1024));
+  // And one window covers each 512 MiB of address space in use
+  EXPECT_GE(svm_->window_count(), 1u);
+  munmap(reinterpret_cast<void*>(base), 96 * 1024);
+}
+
+TEST_F(SvmManagerTest, FirstFaultMigratesPrivateMemoryAndACpuTouchBringsItBack) {
+  MakeDevice(4 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 9);
+  // When the device faults on it
+  ASSERT_TRUE(svm_->HandleFault(m.addr() + 12345, true).ok());
+  // Then the whole range moved to device memory and is mapped as device pages
+  auto s = svm_->stats();
+  EXPECT_EQ(s.pages_to_device, 512u);
+  EXPECT_EQ(s.remote_maps, 0u);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kDevicePrivate);
+  EXPECT_NE(ops_.At(m.addr()) & hmm_pfn::kWrite, 0u);
+  auto where = svm_->Scan(m.addr(), m.end());
+  ASSERT_TRUE(where.ok());
+  EXPECT_EQ(*where, Residency::kDevice);
+  // When the CPU reads it
+  EXPECT_TRUE(Check(m.data(), m.size(), 9));
+  // Then the data came back, the device lost its translations, and the pages are in system memory
+  EXPECT_EQ(ops_.Count(m.addr(), m.end()), 0u);
+  where = svm_->Scan(m.addr(), m.end());
+  ASSERT_TRUE(where.ok());
+  EXPECT_EQ(*where, Residency::kSystem);
+}
+
+TEST_F(SvmManagerTest, SharedMemoryIsMappedRemotelyNeverMigrated) {
+  MakeDevice(4 * kMiB, false);
+  Mapping m(16 * PageSize(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS);
+  Fill(m.data(), m.size(), 4);
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), false).ok());
+  auto s = svm_->stats();
+  EXPECT_EQ(s.pages_to_device, 0u);
+  EXPECT_EQ(s.remote_maps, 1u);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem);
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kSystem);
+}
+
+TEST_F(SvmManagerTest, PartialUnmapMarksTheRangeAndGarbageCollectionRemovesIt) {
+  MakeDevice(4 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 5);
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+  ASSERT_EQ(svm_->Ranges().size(), 1u);
+  // When the application unmaps the first half of the range
+  ASSERT_EQ(munmap(m.data(), kMiB), 0);
+  as_->monitor()->Sync();  // the UNMAP event has been dispatched
+  // Then the range is not split: it stays until collected
+  EXPECT_EQ(svm_->Ranges().size(), 1u);
+  // When garbage is collected
+  EXPECT_EQ(svm_->CollectGarbage(), 1u);
+  // Then the range and its window are gone, and the surviving half is back in system memory with
+  // its data
+  EXPECT_TRUE(svm_->Ranges().empty());
+  EXPECT_EQ(svm_->window_count(), 0u);
+  EXPECT_EQ(*svm_->Scan(m.addr() + kMiB, m.end()), Residency::kSystem);
+  EXPECT_TRUE(Check(m.data() + kMiB, kMiB, uint8_t(5 + kMiB / 64)));
+  EXPECT_EQ(mem_->stats().pages_in_use, 0u);
+  ASSERT_EQ(munmap(m.data() + kMiB, kMiB), 0);
+  m.Release();
+}
+
+TEST_F(SvmManagerTest, FullDeviceMemoryEvictsTheColdestChunk) {
+  MakeDevice(2 * kMiB, /*evict=*/true);
+  Mapping a = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Mapping b = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(a.data(), a.size(), 1);
+  Fill(b.data(), b.size(), 2);
+  // When two 2 MiB ranges fault on a device with room for one
+  ASSERT_TRUE(svm_->HandleFault(a.addr(), false).ok());
+  ASSERT_TRUE(svm_->HandleFault(b.addr(), false).ok());
+  // Then the second one evicted the first: both migrated, one is on the device now
+  EXPECT_EQ(svm_->stats().pages_to_device, 1024u);
+  EXPECT_EQ(*svm_->Scan(b.addr(), b.end()), Residency::kDevice);
+  EXPECT_EQ(*svm_->Scan(a.addr(), a.end()), Residency::kSystem);
+  EXPECT_GE(mem_->stats().evictions, 1u);
+  // And no byte was lost
+  EXPECT_TRUE(Check(a.data(), a.size(), 1));
+  EXPECT_TRUE(Check(b.data(), b.size(), 2));
+}
+
+TEST_F(SvmManagerTest, FullDeviceMemoryWithoutEvictionMapsRemotely) {
+  MakeDevice(2 * kMiB, /*evict=*/false);
+  Mapping a = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Mapping b = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(b.data(), b.size(), 3);
+  ASSERT_TRUE(svm_->HandleFault(a.addr(), false).ok());
+  ASSERT_TRUE(svm_->HandleFault(b.addr(), false).ok());
+  EXPECT_EQ(svm_->stats().remote_maps, 1u);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(b.addr())), PageKind::kSystem);
+  EXPECT_TRUE(Check(b.data(), b.size(), 3));
+}
+
+TEST_F(SvmManagerTest, PingPongPinsTheRangeToSystemMemory) {
+  SvmManager::Options o;
+  o.thrash_migrations = 2;
+  o.thrash_window = std::chrono::hours(1);
+  o.thrash_pin = std::chrono::hours(1);
+  MakeDevice(4 * kMiB, false, o);
+  Mapping m(4 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m.data(), m.size(), 6);
+  // Given a range that went to the device and back to the CPU twice
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+    ASSERT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kDevicePrivate) << i;
+    m.data()[0] = 6;  // the CPU takes it back
+  }
+  EXPECT_EQ(svm_->stats().migrations_to_device, 2u);
+  // When the device faults on it a third time
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+  // Then it is pinned to system memory and mapped remotely
+  auto s = svm_->stats();
+  EXPECT_EQ(s.thrashing_events, 1u);
+  EXPECT_EQ(s.migrations_to_device, 2u);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem);
+  EXPECT_TRUE(Check(m.data(), m.size(), 6));
+}
+
+TEST_F(SvmManagerTest, ErrorsNameTheAddress) {
+  MakeDevice(2 * kMiB, false);
+  Mapping ro(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
+  Status st = svm_->HandleFault(ro.addr(), /*write=*/true);
+  EXPECT_EQ(st.errno_value(), EPERM);
+  EXPECT_NE(st.ToString().find("read-only"), std::string::npos) << st.ToString();
+  Mapping gone(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
+  const uintptr_t addr = gone.addr();
+  gone.Unmap();
+  st = svm_->HandleFault(addr, false);
+  EXPECT_EQ(st.errno_value(), EFAULT);
+  EXPECT_NE(st.ToString().find("not mapped"), std::string::npos) << st.ToString();
+  EXPECT_EQ(svm_->HandleFault(uintptr_t(1) << 47, false).errno_value(), EFAULT);
+}
+
+TEST_F(SvmManagerTest, PrefetchMigratesAheadAndEvictBringsBack) {
+  MakeDevice(4 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 8);
+  ASSERT_TRUE(svm_->PrefetchToDevice(m.addr(), m.end()).ok());
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kDevice);
+  EXPECT_EQ(svm_->stats().device_faults, 0u);
+  EXPECT_EQ(ops_.Count(m.addr(), m.end()), 512u);
+  ASSERT_TRUE(svm_->Evict(m.addr(), m.end()).ok());
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kSystem);
+  EXPECT_EQ(ops_.Count(m.addr(), m.end()), 0u);
+  EXPECT_EQ(svm_->stats().pages_to_system, 512u);
+  EXPECT_TRUE(Check(m.data(), m.size(), 8));
+}
+
+}  // namespace
+}  // namespace hmmkit::test
