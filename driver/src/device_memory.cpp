@@ -70,7 +70,7 @@ Status CreateArena(const DeviceMemory::Options& o, Arena* out) {
   const uint64_t huge_needed = o.capacity / kHugePageSize;
   // Coherent pages are mapped one 4 KiB page at a time from the memfd (ArenaOffset), which a
   // hugetlbfs file does not allow.
-  if (o.huge_pages && o.kind == PageKind::kDevicePrivate && o.capacity % kHugePageSize == 0) {
+  if (o.hugetlb && o.kind == PageKind::kDevicePrivate && o.capacity % kHugePageSize == 0) {
     const uint64_t free_huge = FreeHugePages();
     if (free_huge >= huge_needed) {
       Status st = MapMemfd(name, MFD_HUGETLB | kMfdHuge2MB, o.capacity, out);

@@ -124,6 +124,9 @@ bool SvmManager::MaybeMigrate(SvmRange& r, const Vma& vma, bool forced) {
   {
     MutexLock lock(mu_);
     if (!vma.migratable() || !vma.accessible()) return false;  // shared, file, hugetlb: remote
+    // The brk heap and the main stack hold hmmkit's own allocations and frames too: a thread that
+    // touches a page of its own migration waits on itself. Mapped remotely (see docs/svm.md).
+    if (vma.name == "[heap]" || vma.name == "[stack]") return false;
     if (!forced) {
       if (!options_.migrate_on_fault || now < r.pinned_until) return false;
       std::erase_if(r.migrations, [&](auto t) { return now - t > options_.thrash_window; });

@@ -110,9 +110,12 @@ class DeviceMemory final : public DevicePagemap {
     size_t chunk_size = kDefaultChunkSize;     // bytes; a power of two, at least 4096
     PageKind kind = PageKind::kDevicePrivate;  // kDevicePrivate or kDeviceCoherent
     const void* owner = nullptr;               // pgmap owner token (may be null)
-    // Back the arena with 2 MiB pages: MFD_HUGETLB when hugetlb pages are free (private memory
-    // only, capacity a multiple of 2 MiB), else MADV_HUGEPAGE on a plain memfd.
+    // Back the arena with 2 MiB pages: MADV_HUGEPAGE on the memfd (shmem THP).
     bool huge_pages = true;
+    // Take the arena from the hugetlb pool instead (MFD_HUGETLB; private memory only, capacity a
+    // multiple of 2 MiB, enough free pages, else the memfd above). Opt-in: the administrator
+    // reserved that pool, and other users of it would find it empty.
+    bool hugetlb = false;
     std::string name;  // for logs and the memfd name
     FreeFn on_free;
     EvictFn evict;

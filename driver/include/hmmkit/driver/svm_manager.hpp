@@ -11,7 +11,8 @@
 //   policy   on a device fault: migrate the range to device memory when it is migratable (private
 //            anonymous memory) and not pinned to system memory by thrashing detection, else map
 //            system memory remotely. MAP_SHARED, file-backed and hugetlb memory is always mapped
-//            remotely, never migrated.
+//            remotely, never migrated; so are the brk heap and the main stack, where hmmkit's own
+//            threads allocate and run (a migration touching its own pages would wait on itself).
 //
 // Driver contract (SvmDeviceOps): MapPages programs the device page table and UnmapPages tears it
 // down; both run with the manager's notifier lock held (below), so neither may call back into the

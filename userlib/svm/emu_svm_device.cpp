@@ -1,0 +1,298 @@
+// The emulated SVM device behind hmmkit::svm::Device ("emu"): compute-unit threads whose every
+// access goes through the device MMU, a fault queue serviced in batches by the SvmManager, device
+// memory with eviction, and the CPU DMA engine.
+//
+// Threads and locks:
+//   compute units  one thread per unit during a Launch; each holds its MMU AccessGuard only around
+//                  translate + access, never while waiting for a fault.
+//   fault service  one thread: pops fault batches and calls SvmManager::HandleFault (which takes
+//                  its locks, migrates, then maps through MapPages -> DeviceMmu::Update).
+//   invalidations  SvmManager::Invalidate -> UnmapPages -> DeviceMmu::Unmap, on whatever thread
+//                  raised them; Unmap waits for the compute units' guards, which never wait on it.
+// Order: launch_mu_ -> SvmManager locks -> MMU lock.
+#include <fmt/format.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+
+#include "hmmkit/base/log.hpp"
+#include "hmmkit/base/mutex.hpp"
+#include "hmmkit/dma/cpu_engine.hpp"
+#include "hmmkit/driver/device_memory.hpp"
+#include "hmmkit/driver/svm_manager.hpp"
+#include "hmmkit/emu/fault_queue.hpp"
+#include "hmmkit/emu/mmu.hpp"
+#include "hmmkit/mirror/migrate.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
+#include "hmmkit/mirror/range_fault.hpp"
+#include "hmmkit/svm.hpp"
+
+namespace hmmkit::svm {
+
+namespace {
+
+constexpr uint64_t kPage = emu::kPageSize;
+
+// One AddressSpace per process, shared by its devices (two userfaultfds cannot both register a
+// range).
+Result<std::shared_ptr<AddressSpace>> ProcessAddressSpace() {
+  static Mutex mu;
+  static std::weak_ptr<AddressSpace> shared GUARDED_BY(mu);
+  MutexLock lock(mu);
+  if (auto as = shared.lock()) return as;
+  auto as = AddressSpace::Create();
+  if (!as.ok()) return as.status();
+  if (!(*as)->monitor())
+    return Status::FromErrno(ENOTSUP,
+                             "the emulated SVM device needs userfaultfd (see `hmmctl info`)");
+  shared = *as;
+  return *as;
+}
+
+emu::Pte PteOf(uint64_t entry, uint64_t va) {
+  emu::Pte p;
+  const bool w = (entry & hmm_pfn::kWrite) != 0;
+  if (hmm_pfn::Kind(entry) == PageKind::kDevicePrivate) {
+    p.target_kind = emu::Target::kLocal;
+    p.target = hmm_pfn::Payload(entry);
+  } else {
+    p.target_kind = emu::Target::kSystem;  // reached at its CPU address (remote map)
+    p.target = va;
+  }
+  p.perms = emu::Perm::kRead | (w ? emu::Perm::kWrite : emu::Perm::kNone);
+  return p;
+}
+
+class EmuSvmDevice;
+
+// A compute unit's view during a launch.
+class EmuKernelContext final : public KernelContext {
+ public:
+  EmuKernelContext(EmuSvmDevice& dev, unsigned cu) : KernelContext(cu), dev_(dev) {}
+  void Access(uintptr_t va, size_t size, uint64_t* value, bool write) override;
+  const Status& error() const { return error_; }
+
+ private:
+  EmuSvmDevice& dev_;
+  Status error_ = Status::Ok();
+};
+
+class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
+ public:
+  static Result<std::unique_ptr<Device>> Create(const DeviceOptions& o) {
+    if (o.compute_units == 0 || o.compute_units > 256)
+      return Status::FromErrno(EINVAL, "compute_units must be 1..256");
+    auto as = ProcessAddressSpace();
+    if (!as.ok()) return as.status();
+    auto dev = std::unique_ptr<EmuSvmDevice>(new EmuSvmDevice(*as, o));
+    HMMKIT_RETURN_IF_ERROR(dev->Init(o));
+    return std::unique_ptr<Device>(std::move(dev));
+  }
+
+  ~EmuSvmDevice() override {
+    faults_.Shutdown();
+    if (service_.joinable()) service_.join();
+    if (svm_) {
+      // Everything on the device goes home before the memory goes away.
+      for (auto [s, e] : svm_->Ranges()) svm_->Evict(s, e).IgnoreError();
+      svm_.reset();
+    }
+    if (memory_) MigrateAllToRam(*as_, *memory_).IgnoreError();
+  }
+
+  Status Launch(size_t n, const Kernel& kernel) override {
+    MutexLock lock(launch_mu_);
+    const unsigned units = unsigned(std::min<size_t>(mmu_.compute_units(), std::max<size_t>(n, 1)));
+    std::vector<std::unique_ptr<EmuKernelContext>> ctx;
+    for (unsigned cu = 0; cu < units; ++cu)
+      ctx.push_back(std::make_unique<EmuKernelContext>(*this, cu));
+    std::atomic<size_t> next{0};
+    constexpr size_t kGrain = 256;  // indices a unit takes at a time
+    std::vector<std::thread> threads;
+    for (unsigned cu = 0; cu < units; ++cu) {
+      threads.emplace_back([&, cu] {
+        EmuKernelContext& k = *ctx[cu];
+        for (;;) {
+          const size_t first = next.fetch_add(kGrain);
+          if (first >= n) return;
+          for (size_t i = first; i < std::min(n, first + kGrain) && k.error().ok(); ++i)
+            kernel(k, i);
+          if (!k.error().ok()) return;
+        }
+      });
+    }
+    for (auto& t : threads) t.join();
+    for (auto& k : ctx)
+      if (!k->error().ok()) return k->error();
+    return Status::Ok();
+  }
+
+  Status Prefetch(const void* p, size_t len, Location to) override {
+    const uintptr_t s = reinterpret_cast<uintptr_t>(p) & ~(kPage - 1);
+    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + len + kPage - 1) & ~(kPage - 1);
+    if (len == 0) return Status::Ok();
+    return to == Location::kDevice ? svm_->PrefetchToDevice(s, e) : svm_->Evict(s, e);
+  }
+
+  DeviceStats stats() const override {
+    DeviceStats d;
+    const auto s = svm_->stats();
+    const auto q = faults_.stats();
+    d.device_faults = q.raised;
+    d.fault_batches = q.batches;
+    d.bytes_to_device = s.pages_to_device * kPage;
+    d.bytes_to_system = s.pages_to_system * kPage;
+    d.remote_maps = s.remote_maps;
+    d.thrashing_events = s.thrashing_events;
+    d.evictions = memory_->stats().evictions;
+    d.cpu_faults = as_->monitor()->stats().faults - cpu_faults_base_;
+    return d;
+  }
+  const std::string& name() const override { return name_; }
+
+  // ---- SvmDeviceOps: called by the SvmManager with its lock held -------------------------------
+  Status MapPages(uintptr_t start, std::span<const uint64_t> pfns) override {
+    return mmu_.Update(start, start + pfns.size() * kPage, [&](emu::DevicePageTable& pt) {
+      for (size_t i = 0; i < pfns.size(); ++i)
+        HMMKIT_RETURN_IF_ERROR(pt.Map(start + i * kPage, kPage, PteOf(pfns[i], start + i * kPage)));
+      return Status::Ok();
+    });
+  }
+  void UnmapPages(uintptr_t start, uintptr_t end) override {
+    Status st = mmu_.Unmap(start, end - start);
+    if (!st.ok()) Log().error("{}: device unmap {:#x}-{:#x}: {}", name_, start, end, st.ToString());
+  }
+
+  // ---- compute-unit side
+  // -------------------------------------------------------------------------
+  Status AccessOnce(unsigned cu, uintptr_t va, size_t size, uint64_t* value, bool write) {
+    const emu::Access access = write ? emu::Access::kWrite : emu::Access::kRead;
+    for (int round = 0;; ++round) {
+      {
+        emu::DeviceMmu::AccessGuard guard = mmu_.BeginAccess(cu);
+        Result<emu::Translation> t = guard.Translate(va, access);
+        if (t.ok()) return Touch(*t, va, size, value, write);
+        if (t.errno_value() != EFAULT && t.errno_value() != EPERM) return t.status();
+      }  // released: the driver maps while we wait
+      if (round == 64)
+        return Status::FromErrno(EIO, fmt::format("device access at {:#x} kept faulting", va));
+      Status st = faults_.RaiseAndWait({.va = va, .access = access, .cu = cu});
+      if (!st.ok()) return st;
+    }
+  }
+
+ private:
+  EmuSvmDevice(std::shared_ptr<AddressSpace> as, const DeviceOptions& o)
+      : as_(std::move(as)),
+        mmu_(emu::DeviceMmu::Options{o.compute_units, 64}),
+        name_(fmt::format("emu-svm{}", next_index_++)) {}
+
+  Status Init(const DeviceOptions& o) {
+    auto engine = dma::CpuDmaEngine::Create({});
+    if (!engine.ok()) return engine.status();
+    dma_ = std::move(*engine);
+    driver::DeviceMemory::Options mo;
+    mo.capacity = o.memory_bytes;
+    mo.owner = this;
+    mo.name = name_;
+    AddressSpace* space = as_.get();
+    // Exhaustion evicts the coldest chunk back to system memory, by device page.
+    mo.evict = [space](driver::DeviceMemory& mem, std::span<const uint64_t> ids) {
+      return MigrateDevicePages(*space, mem, ids);
+    };
+    auto mem = driver::DeviceMemory::Create(mo);
+    if (!mem.ok()) return mem.status();
+    memory_ = std::move(*mem);
+    driver::SvmManager::Options so;
+    so.migrate_on_fault = o.migrate_on_fault;
+    auto svm = driver::SvmManager::Create(as_, *memory_, *dma_, *this, so);
+    if (!svm.ok()) return svm.status();
+    svm_ = std::move(*svm);
+    cpu_faults_base_ = as_->monitor()->stats().faults;
+    service_ =
+        std::thread([this] { faults_.ServiceLoop([this](auto batch) { return Service(batch); }); });
+    Log().info("{}: emulated SVM device, {} compute units, {} MiB device memory, {} on fault",
+               name_, o.compute_units, o.memory_bytes >> 20,
+               o.migrate_on_fault ? "migrate" : "map remotely");
+    return Status::Ok();
+  }
+
+  std::vector<Status> Service(std::span<const emu::DeviceFault> batch) {
+    std::vector<Status> out;
+    out.reserve(batch.size());
+    for (const emu::DeviceFault& f : batch) {
+      // A neighbour in the batch may have mapped this page already (same range).
+      auto t = mmu_.Lookup(f.va);
+      const bool write = f.access != emu::Access::kRead;
+      if (t && (!write || (t->pte.perms & emu::Perm::kWrite) != emu::Perm::kNone)) {
+        out.push_back(Status::Ok());
+        continue;
+      }
+      out.push_back(svm_->HandleFault(f.va, write));
+    }
+    return out;
+  }
+
+  // Under the guard: the translation stays valid until the guard is released.
+  Status Touch(const emu::Translation& t, uintptr_t va, size_t size, uint64_t* value, bool write) {
+    switch (t.pte.target_kind) {
+      case emu::Target::kLocal: {
+        char* p = static_cast<char*>(memory_->PageData(t.LocalPage(va))) + (va & (kPage - 1));
+        write ? std::memcpy(p, value, size) : std::memcpy(value, p, size);
+        return Status::Ok();
+      }
+      case emu::Target::kSystem:
+      case emu::Target::kExclusive: {
+        // Remote access to system memory: checked, so a page unmapped behind the device's back is
+        // a device error, not a crash.
+        iovec local{value, size}, remote{reinterpret_cast<void*>(t.CpuAddress(va)), size};
+        const ssize_t done = write ? ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0)
+                                   : ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
+        if (done == ssize_t(size)) return Status::Ok();
+        return Status::FromErrno(EFAULT,
+                                 fmt::format("device access at {:#x}: system page gone", va));
+      }
+    }
+    return Status::FromErrno(EINVAL, "unknown translation target");
+  }
+
+  static inline std::atomic<unsigned> next_index_{0};
+  std::shared_ptr<AddressSpace> as_;
+  emu::DeviceMmu mmu_;
+  emu::FaultQueue faults_;
+  std::string name_;
+  std::unique_ptr<dma::CpuDmaEngine> dma_;
+  std::shared_ptr<driver::DeviceMemory> memory_;
+  std::unique_ptr<driver::SvmManager> svm_;
+  uint64_t cpu_faults_base_ = 0;
+  std::thread service_;
+  Mutex launch_mu_;
+};
+
+void EmuKernelContext::Access(uintptr_t va, size_t size, uint64_t* value, bool write) {
+  if (!error_.ok()) return;
+  if (va % size != 0) {
+    error_ = Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte access at {:#x}", size, va));
+    return;
+  }
+  error_ = dev_.AccessOnce(compute_unit(), va, size, value, write);
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Device>> Device::Open(const DeviceOptions& options) {
+  std::string backend = options.backend;
+  if (backend.empty()) {
+    const char* env = std::getenv("HMMKIT_DEVICE");
+    backend = env && *env ? env : "emu";
+  }
+  if (backend == "emu") return EmuSvmDevice::Create(options);
+  return Status::FromErrno(ENODEV, fmt::format("no SVM backend \"{}\" (known: emu)", backend));
+}
+
+}  // namespace hmmkit::svm
