@@ -39,9 +39,12 @@ TEST_F(SvmApiTest, UnknownBackendIsEnodevAndNamesTheKnownOnes) {
   EXPECT_NE(dev.status().ToString().find("emu"), std::string::npos);
 }
 
-TEST_F(SvmApiTest, KernelUpdatesMallocStackAndMmapMemoryInPlace) {
+TEST_F(SvmApiTest, KernelUpdatesPrivateStackAndSharedMemoryInPlace) {
+  // A dedicated 2 MiB-aligned private buffer: a range never takes in memory merged into the VMA
+  // from elsewhere (under ASan its allocator metadata; see docs/svm.md, known limits).
   const size_t n = 50000;
-  std::vector<int64_t> heap(n);
+  Mapping priv = Mapping::AlignedAnon(2 << 20, 2 << 20);
+  auto* heap = reinterpret_cast<int64_t*>(priv.data());
   for (size_t i = 0; i < n; ++i) heap[i] = int64_t(i);
   int32_t stack[64];
   for (int i = 0; i < 64; ++i) stack[i] = i;
@@ -60,17 +63,17 @@ TEST_F(SvmApiTest, KernelUpdatesMallocStackAndMmapMemoryInPlace) {
   EXPECT_EQ(sh[0], 42u);
   auto s = dev_->stats();
   EXPECT_GT(s.device_faults, 0u);
-  EXPECT_GT(s.bytes_to_device, 0u) << "private memory migrates on fault";
   EXPECT_GE(s.remote_maps, 2u) << "shared memory and the main stack are mapped remotely";
+  EXPECT_GE(s.bytes_to_device, n * sizeof(int64_t)) << "the private buffer migrated";
 }
 
 TEST_F(SvmApiTest, PrefetchedMemoryDoesNotFault) {
   const size_t n = 4096;
-  auto* p = static_cast<uint32_t*>(std::aligned_alloc(2 << 20, n * sizeof(uint32_t)));
-  ASSERT_NE(p, nullptr);
+  Mapping pm = Mapping::AlignedAnon(2 << 20, 2 << 20);
+  auto* p = reinterpret_cast<uint32_t*>(pm.data());
   for (size_t i = 0; i < n; ++i) p[i] = uint32_t(i);
-  auto* out = static_cast<uint64_t*>(std::aligned_alloc(2 << 20, n * sizeof(uint64_t)));
-  ASSERT_NE(out, nullptr);
+  Mapping om = Mapping::AlignedAnon(2 << 20, 2 << 20);
+  auto* out = reinterpret_cast<uint64_t*>(om.data());
   // When both buffers are prefetched before the launch
   ASSERT_TRUE(dev_->Prefetch(p, n * sizeof(uint32_t), svm::Location::kDevice).ok());
   ASSERT_TRUE(dev_->Prefetch(out, n * sizeof(uint64_t), svm::Location::kDevice).ok());
@@ -84,8 +87,6 @@ TEST_F(SvmApiTest, PrefetchedMemoryDoesNotFault) {
   ASSERT_TRUE(dev_->Prefetch(p, n * sizeof(uint32_t), svm::Location::kSystem).ok());
   EXPECT_GT(dev_->stats().bytes_to_system, 0u);
   for (size_t i = 0; i < n; ++i) ASSERT_EQ(p[i], uint32_t(i));
-  std::free(p);
-  std::free(out);
 }
 
 TEST_F(SvmApiTest, LaunchErrorsNameTheAddressAndReason) {
