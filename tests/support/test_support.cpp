@@ -130,7 +130,6 @@ constexpr bool kTsan = false;
 #endif
 }  // namespace
 
-
 void CopyWriteProtectedPage(void* dst, const void* src, size_t len) {
   // Writers of `src` are ordered before this copy by the kernel (the write-protect ioctl of
   // MigrateVmaSetup), an edge ThreadSanitizer cannot see; it would report their last writes.
