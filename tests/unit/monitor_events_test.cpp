@@ -149,12 +149,14 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   const size_t pg = PageSize();
   Mapping a(4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   Mapping outside(pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  // Record, inside the callback, what the address space looked like at that moment. Declared
+  // before the subscription: the last munmap's userfaultfd event still reaches the callback from
+  // the event thread, which must not find these destroyed.
+  std::vector<int> prot_at_callback;
+  std::vector<bool> mapped_at_callback;
   RecordingOps ops;
   IntervalNotifier sub;
   Watch(sub, ops, a);
-  // Record, inside the callback, what the address space looked like at that moment.
-  std::vector<int> prot_at_callback;
-  std::vector<bool> mapped_at_callback;
   ops.set_before([&](const NotifierRange& r) {
     auto vma = as_->FindVma(r.start);
     mapped_at_callback.push_back(vma.ok() && vma->has_value());
@@ -198,6 +200,7 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   EXPECT_GE(as_->monitor()->stats().interposed, 3u);
   munmap(a.data(), 3 * pg);
   a.Release();
+  as_->monitor()->Sync();  // its event is dispatched while everything the callback uses lives
 }
 
 TEST_F(MonitorEvents, ForkIsCountedAndTheChildKeepsWorking) {
