@@ -1,5 +1,7 @@
 #include "hmmkit/dma/cpu_engine.hpp"
 
+#include "hmmkit/base/internal_memory.hpp"
+
 #include <fmt/format.h>
 #include <sys/uio.h>
 
@@ -107,7 +109,10 @@ Result<std::unique_ptr<CpuDmaEngine>> CpuDmaEngine::Create(const Options& option
   try {
     engine->workers_.reserve(options.threads);
     for (unsigned i = 0; i < options.threads; ++i) {
-      engine->workers_.emplace_back([e = engine.get()] { e->WorkerLoop(); });
+      engine->workers_.emplace_back([e = engine.get()] {
+        InternalThreadScope internal;  // a migration never takes this thread's stack
+        e->WorkerLoop();
+      });
     }
   } catch (const std::system_error& e) {
     // The destructor joins the workers that did start.

@@ -15,6 +15,7 @@
 
 #include "device_entries.hpp"
 #include "fork_guard.hpp"
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/notifier.hpp"
@@ -177,10 +178,15 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   st->fork_lock = std::shared_lock<std::shared_mutex>(ForkMigrationLock());
 
   const bool system_ok = to_device && st->vma.migratable() && st->vma.accessible();
+  const std::pair<uintptr_t, uintptr_t> own_stack = CurrentThreadStack();
   if (system_ok) {
-    // Missing-page faults in the range must reach hmmkit before anything is zapped.
-    Status routed = st->entries->EnsureRouted(m.start, m.end);
-    if (!routed.ok()) return routed;
+    // Missing-page faults in the range must reach hmmkit before anything is zapped. Not on
+    // hmmkit's own stacks (skipped below): a thread growing its stack there would fault to the
+    // monitor, which may be that very thread.
+    for (auto [s, e] : InternalMemory::Outside(m.start, m.end, own_stack)) {
+      Status routed = st->entries->EnsureRouted(s, e);
+      if (!routed.ok()) return routed;
+    }
   }
   st->entries->BeginMigration(m.start, m.end);
   HMMKIT_RETURN_IF_ERROR(as.notifiers().Insert(st->sub, m.start, m.end - m.start, *st));
@@ -216,6 +222,9 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
       continue;
     }
     if (!system_ok || st->entries->Pinned(va)) continue;
+    // hmmkit's own thread stacks, and the stack of the thread migrating, stay: a thread must
+    // never fault on its own stack while it services faults or migrations.
+    if ((va >= own_stack.first && va < own_stack.second) || InternalMemory::Contains(va)) continue;
     const PageState& ps = states[i];
     if (ps.has(PageState::kSwapped)) continue;  // the kernel skips swap entries too
     const uint64_t w = st->vma.write ? migrate_pfn::kWrite : 0;

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <new>
 
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "hmmkit/mirror/notifier.hpp"
@@ -234,6 +235,7 @@ Status MmMonitor::Open() {
 void MmMonitor::Start() {
   auto running = [this](void (MmMonitor::*loop)()) {
     return std::thread([this, loop] {
+      InternalThreadScope internal;  // a migration never takes this thread's stack
       {
         MutexLock lock(start_mu_);
         ++started_;
