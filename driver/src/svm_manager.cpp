@@ -9,6 +9,7 @@
 
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/driver/device_migration.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
 
 namespace hmmkit::driver {
@@ -25,6 +26,20 @@ const char* ToString(Residency r) {
       return "mixed";
   }
   return "?";
+}
+
+Placement DefaultSvmPolicy::OnDeviceFault(const SvmFault& f) const {
+  if (f.attrs.preferred == PreferredLocation::kDevice) return Placement::kMigrate;
+  if (f.attrs.preferred == PreferredLocation::kSystem || f.attrs.accessed_by)
+    return Placement::kRemote;
+  if (f.attrs.read_mostly && !f.write) return Placement::kRemote;
+  if (f.thrashing) return Placement::kRemote;
+  return f.migrate_on_fault ? Placement::kMigrate : Placement::kRemote;
+}
+
+bool DefaultSvmPolicy::PromoteHotRange(const SvmFault& f) const {
+  return f.migratable && !f.thrashing && f.attrs.preferred != PreferredLocation::kSystem &&
+         !f.attrs.accessed_by && !f.attrs.read_mostly;
 }
 
 Result<std::unique_ptr<SvmManager>> SvmManager::Create(std::shared_ptr<AddressSpace> as,
@@ -46,6 +61,11 @@ Result<std::unique_ptr<SvmManager>> SvmManager::Create(std::shared_ptr<AddressSp
   if (!std::has_single_bit(options.window) || options.window < c.front())
     return invalid("window must be a power of two >= the largest chunk size");
   if (options.thrash_migrations == 0) return invalid("thrash_migrations must be >= 1");
+  if (!(options.prefetch_threshold >= 0 && options.prefetch_threshold <= 1))
+    return invalid("prefetch_threshold must be in [0, 1]");
+  if (!std::has_single_bit(options.prefetch_region) || options.prefetch_region < page ||
+      options.prefetch_region > options.window)
+    return invalid("prefetch_region must be a power of two between the page size and the window");
   return std::unique_ptr<SvmManager>(new SvmManager(std::move(as), memory, dma, ops, options));
 }
 
@@ -56,7 +76,23 @@ SvmManager::SvmManager(std::shared_ptr<AddressSpace> as, DeviceMemory& memory, d
       dma_(dma),
       ops_(ops),
       options_(options),
+      policy_(options.policy ? options.policy : std::make_shared<DefaultSvmPolicy>()),
       page_(size_t(::sysconf(_SC_PAGESIZE))) {}
+
+bool SvmManager::Migratable(const Vma& vma) const {
+  // The brk heap and the main stack hold hmmkit's own allocations and frames too: a thread that
+  // touches a page of its own migration waits on itself. So does the anonymous tail of an ELF
+  // object's .bss (an unnamed VMA right after a file mapping), where hmmkit's statics live.
+  // Mapped remotely (see docs/svm.md).
+  if (!vma.migratable() || !vma.accessible() || vma.name == "[heap]" || vma.name == "[stack]")
+    return false;
+  if (vma.name.empty() && vma.start > 0) {
+    auto prev = as_->FindVma(vma.start - 1);
+    if (prev.ok() && *prev && (*prev)->kind == VmaKind::kFile && (*prev)->end == vma.start)
+      return false;
+  }
+  return true;
+}
 
 SvmManager::~SvmManager() {
   std::map<uintptr_t, std::unique_ptr<Window>> windows;
@@ -77,38 +113,74 @@ Result<Vma> SvmManager::VmaFor(uintptr_t addr) const {
   auto vma = as_->FindVma(addr);
   if (!vma.ok()) return vma.status();
   if (!*vma) return Status::FromErrno(EFAULT, fmt::format("{:#x} is not mapped", addr));
-  return **vma;
+  // The mapping as the application made it: hmmkit's own userfaultfd registrations split VMAs
+  // (page-exact routing of migrated pages), so join the compatible neighbours, as far as any
+  // range or prefetch region around addr can reach.
+  const uintptr_t span = std::max(options_.chunk_sizes.front(), options_.prefetch_region);
+  const uintptr_t lo = addr & ~(span - 1), hi = lo + span;
+  Vma joined = **vma;
+  auto around = as_->FindVmas(lo, hi);
+  if (!around.ok()) return joined;
+  auto compatible = [&](const Vma& v) {
+    return v.kind == joined.kind && v.shared == joined.shared && v.read == joined.read &&
+           v.write == joined.write && v.exec == joined.exec && v.name == joined.name &&
+           v.inode == joined.inode;
+  };
+  const std::vector<Vma>& vs = *around;
+  auto at = std::find_if(vs.begin(), vs.end(), [&](const Vma& v) { return v.contains(addr); });
+  if (at == vs.end()) return joined;
+  for (auto it = at; it != vs.begin();) {
+    --it;
+    if (it->end != joined.start || !compatible(*it)) break;
+    joined.start = it->start;
+  }
+  for (auto it = std::next(at); it != vs.end(); ++it) {
+    if (it->start != joined.end || !compatible(*it)) break;
+    joined.end = it->end;
+  }
+  return joined;
 }
 
 // ---- ranges ------------------------------------------------------------------------------------
 
-Result<SvmManager::SvmRange*> SvmManager::FindOrCreateLocked(uintptr_t addr, const Vma& vma) {
+SvmManager::SvmRange* SvmManager::FindLocked(uintptr_t addr) {
   auto next = ranges_.upper_bound(addr);
-  if (next != ranges_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->second.start <= addr && addr < prev->second.end) return &prev->second;
-  }
+  if (next == ranges_.begin()) return nullptr;
+  auto prev = std::prev(next);
+  return addr < prev->second.end ? &prev->second : nullptr;
+}
+
+Result<SvmManager::Window*> SvmManager::WindowForLocked(uintptr_t addr) {
+  const uintptr_t ws = addr & ~(uintptr_t(options_.window) - 1);
+  auto wit = windows_.find(ws);
+  if (wit != windows_.end()) return wit->second.get();
+  auto w = std::make_unique<Window>();
+  w->start = ws;
+  w->end = ws + options_.window;
+  HMMKIT_RETURN_IF_ERROR(as_->notifiers().Insert(w->notifier, ws, options_.window, *this));
+  stats_.windows_created++;
+  return windows_.emplace(ws, std::move(w)).first->second.get();
+}
+
+Result<SvmManager::SvmRange*> SvmManager::FindOrCreateLocked(uintptr_t addr, const Vma& vma) {
+  if (SvmRange* r = FindLocked(addr)) return r;
+  auto next = ranges_.upper_bound(addr);
   const uintptr_t ws = addr & ~(uintptr_t(options_.window) - 1), we = ws + options_.window;
-  // Neighbouring ranges bound the new one: it never overlaps another.
+  // Neighbouring ranges bound the new one: it never overlaps another. Nor does it cross a change
+  // of advice: one range, one policy.
   const uintptr_t lo = next == ranges_.begin() ? 0 : std::prev(next)->second.end;
   const uintptr_t hi = next == ranges_.end() ? UINTPTR_MAX : next->second.start;
+  const SvmAttributeMap::Run run = attributes_.RunAt(addr, vma.start, vma.end);
   for (size_t chunk : options_.chunk_sizes) {
     const uintptr_t s = addr & ~(uintptr_t(chunk) - 1), e = s + chunk;
     if (s < vma.start || e > vma.end || s < ws || e > we || e > options_.device_va_end) continue;
-    if (s < lo || e > hi) continue;
-    auto wit = windows_.find(ws);
-    if (wit == windows_.end()) {
-      auto w = std::make_unique<Window>();
-      w->start = ws;
-      w->end = we;
-      HMMKIT_RETURN_IF_ERROR(as_->notifiers().Insert(w->notifier, ws, options_.window, *this));
-      wit = windows_.emplace(ws, std::move(w)).first;
-      stats_.windows_created++;
-    }
+    if (s < lo || e > hi || s < run.start || e > run.end) continue;
+    auto w = WindowForLocked(addr);
+    if (!w.ok()) return w.status();
     SvmRange& r = ranges_[s];
     r.start = s;
     r.end = e;
-    r.window = wit->second.get();
+    r.window = *w;
     r.window->ranges++;
     stats_.ranges_created++;
     return &r;
@@ -119,52 +191,122 @@ Result<SvmManager::SvmRange*> SvmManager::FindOrCreateLocked(uintptr_t addr, con
 
 // ---- fault path --------------------------------------------------------------------------------
 
-bool SvmManager::MaybeMigrate(SvmRange& r, const Vma& vma, bool forced) {
+SvmFault SvmManager::DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, bool write) {
+  SvmFault f;
+  f.addr = addr;
+  f.write = write;
+  f.range_start = r.start;
+  f.range_end = r.end;
+  f.migratable = Migratable(vma);
+  f.attrs = attributes_.At(addr);
+  f.migrate_on_fault = options_.migrate_on_fault;
   const auto now = std::chrono::steady_clock::now();
-  {
-    MutexLock lock(mu_);
-    if (!vma.migratable() || !vma.accessible()) return false;  // shared, file, hugetlb: remote
-    // The brk heap and the main stack hold hmmkit's own allocations and frames too: a thread that
-    // touches a page of its own migration waits on itself. Mapped remotely (see docs/svm.md).
-    if (vma.name == "[heap]" || vma.name == "[stack]") return false;
-    if (!forced) {
-      if (!options_.migrate_on_fault || now < r.pinned_until) return false;
-      std::erase_if(r.migrations, [&](auto t) { return now - t > options_.thrash_window; });
-      if (r.migrations.size() >= options_.thrash_migrations) {
-        // The pages keep going back and forth: leave them in system memory for a while.
-        r.pinned_until = now + options_.thrash_pin;
-        r.migrations.clear();
-        stats_.thrashing_events++;
-        Log().debug("svm: range {:#x}-{:#x} thrashes; mapped remotely for {} ms", r.start, r.end,
-                    options_.thrash_pin.count());
-        return false;
-      }
+  f.thrashing = now < r.pinned_until;
+  if (!f.thrashing) {
+    std::erase_if(r.migrations, [&](auto t) { return now - t > options_.thrash_window; });
+    if (r.migrations.size() >= options_.thrash_migrations) {
+      // The pages keep going back and forth: leave them in system memory for a while.
+      r.pinned_until = now + options_.thrash_pin;
+      r.migrations.clear();
+      stats_.thrashing_events++;
+      f.thrashing = true;
+      Log().debug("svm: range {:#x}-{:#x} thrashes; pinned to system memory for {} ms", r.start,
+                  r.end, options_.thrash_pin.count());
     }
   }
-  auto moved = MigrateToDevice(*as_, memory_, dma_, r.start, r.end);
+  return f;
+}
+
+Result<size_t> SvmManager::MigrateSpan(uintptr_t start, uintptr_t end) {
+  // MigrateToDevice works inside one VMA; hmmkit's own registrations may have split the mapping.
+  auto vmas = as_->FindVmas(start, end);
+  if (!vmas.ok()) return vmas.status();
+  size_t migrated = 0;
+  Status first = Status::Ok();
+  for (const Vma& v : *vmas) {
+    if (!v.migratable() || !v.accessible()) continue;
+    auto moved =
+        MigrateToDevice(*as_, memory_, dma_, std::max(v.start, start), std::min(v.end, end));
+    if (moved.ok()) {
+      migrated += moved->migrated;
+    } else if (first.ok()) {
+      first = moved.status();
+    }
+  }
+  if (!first.ok() && migrated == 0) return first;
+  return migrated;
+}
+
+SvmManager::Moved SvmManager::MigrateRange(SvmRange& r) {
+  const auto now = std::chrono::steady_clock::now();
+  auto moved = MigrateSpan(r.start, r.end);
   MutexLock lock(mu_);
   if (!moved.ok()) {
     // Device memory full even after eviction, or a page could not be copied: what did not move is
-    // mapped remotely below.
+    // mapped remotely.
     Log().debug("svm: migrating {:#x}-{:#x} to the device: {}", r.start, r.end,
                 moved.status().ToString());
-    return false;
+    return Moved::kFailed;
   }
-  if (moved->migrated == 0) return false;
+  if (*moved == 0) return Moved::kNothing;
   r.migrations.push_back(now);
   stats_.migrations_to_device++;
-  stats_.pages_to_device += moved->migrated;
-  return true;
+  stats_.pages_to_device += *moved;
+  return Moved::kSome;
 }
 
-Status SvmManager::GetPagesAndMap(SvmRange& r, bool write) {
+void SvmManager::MaybeGrow(uintptr_t addr, const Vma& vma) {
+  if (options_.prefetch_threshold <= 0) return;
+  const uintptr_t region = options_.prefetch_region;
+  const uintptr_t ws = addr & ~(uintptr_t(options_.window) - 1), we = ws + options_.window;
+  uintptr_t gs = addr & ~(region - 1), ge = gs + region;
+  gs = std::max({gs, vma.start, ws});
+  ge = std::min({ge, vma.end, we, options_.device_va_end});
+  if (gs >= ge) return;
+  {
+    MutexLock lock(mu_);
+    if (attributes_.Advised(gs, ge)) return;  // advice decides there, not density
+  }
+  const size_t n = (ge - gs) / page_;
+  std::vector<DevicePageInfo> dev(n);
+  as_->LookupDevicePages(gs, ge, dev);
+  const size_t ours = size_t(std::count_if(dev.begin(), dev.end(), [&](const DevicePageInfo& d) {
+    return d.kind != PageKind::kSystem && d.owner == memory_.owner();
+  }));
+  if (ours == n || double(ours) < options_.prefetch_threshold * double(n)) return;
+  auto moved = MigrateSpan(gs, ge);
+  if (!moved.ok() || *moved == 0) return;
+  {
+    MutexLock lock(mu_);
+    stats_.prefetch_grows++;
+    stats_.pages_prefetched += *moved;
+    stats_.migrations_to_device++;
+    stats_.pages_to_device += *moved;
+  }
+  Log().debug("svm: fault at {:#x}: {}/{} pages of {:#x}-{:#x} were on the device; prefetched {}",
+              addr, ours, n, gs, ge, *moved);
+  // Map what moved, so that the device stops faulting in the region.
+  for (uintptr_t a = gs; a < ge;) {
+    SvmRange* r;
+    {
+      MutexLock lock(mu_);
+      auto found = FindOrCreateLocked(a, vma);
+      if (!found.ok()) return;
+      r = *found;
+    }
+    GetPagesAndMap(*r, /*write=*/false, /*fault=*/false).IgnoreError();  // the fault maps later
+    a = r->end;
+  }
+}
+
+Status SvmManager::GetPagesAndMap(SvmRange& r, bool write, bool fault) {
   std::vector<uint64_t> pfns((r.end - r.start) / page_);
   Range range;
   range.notifier = &r.window->notifier;
   range.start = r.start;
   range.end = r.end;
   range.hmm_pfns = pfns;
-  range.default_flags = hmm_pfn::kReqFault | (write ? hmm_pfn::kReqWrite : 0);
+  range.default_flags = fault ? hmm_pfn::kReqFault | (write ? hmm_pfn::kReqWrite : 0) : 0;
   range.dev_private_owner = memory_.owner();
   RetryOptions retry;
   retry.timeout = options_.get_pages_timeout;
@@ -172,7 +314,20 @@ Status SvmManager::GetPagesAndMap(SvmRange& r, bool write) {
       *as_, range, mu_,
       [&](const Range& valid) NO_THREAD_SAFETY_ANALYSIS {
         // mu_ is held (RetryLoop took it) and ReadRetry said the entries are still valid.
-        return ops_.MapPages(valid.start, valid.hmm_pfns);
+        if (fault) return ops_.MapPages(valid.start, valid.hmm_pfns);
+        // Present pages only: map each run of valid entries.
+        const auto& e = valid.hmm_pfns;
+        for (size_t i = 0; i < e.size();) {
+          if (!(e[i] & hmm_pfn::kValid) || (e[i] & hmm_pfn::kError)) {
+            ++i;
+            continue;
+          }
+          size_t j = i;
+          while (j < e.size() && (e[j] & hmm_pfn::kValid) && !(e[j] & hmm_pfn::kError)) ++j;
+          HMMKIT_RETURN_IF_ERROR(ops_.MapPages(valid.start + i * page_, e.subspan(i, j - i)));
+          i = j;
+        }
+        return Status::Ok();
       },
       retry);
 }
@@ -191,15 +346,20 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
   if (!vma->read && !vma->write)
     return Status::FromErrno(EPERM, fmt::format("device access to PROT_NONE {:#x}", addr));
   SvmRange* r;
+  SvmFault f;
   {
     MutexLock lock(mu_);
     auto found = FindOrCreateLocked(addr & ~(uintptr_t(page_) - 1), *vma);
     if (!found.ok()) return found.status();
     r = *found;
+    f = DescribeFault(*r, *vma, addr, write);
   }
   // The range may cross into a later VMA only if it was made for an earlier mapping that was
   // replaced; the VMA at addr decides the policy either way.
-  if (!MaybeMigrate(*r, *vma, /*forced=*/false)) {
+  const bool migrate = f.migratable && policy_->OnDeviceFault(f) == Placement::kMigrate;
+  const Moved moved = migrate ? MigrateRange(*r) : Moved::kNothing;
+  const bool migrated = moved == Moved::kSome;
+  if (!migrate || moved == Moved::kFailed) {  // what did not move is reached remotely
     MutexLock lock(mu_);
     stats_.remote_maps++;
   }
@@ -224,7 +384,91 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
       st = GetPagesAndMap(*r, write);
     }
   }
+  if (st.ok() && migrated) MaybeGrow(addr, *vma);
   return st;
+}
+
+Status SvmManager::HandleAccessCounter(uintptr_t addr) {
+  MutexLock op(op_mu_);
+  CollectGarbageLocked();
+  {
+    MutexLock lock(mu_);
+    stats_.counter_notifications++;
+  }
+  auto vma = VmaFor(addr);
+  if (!vma.ok()) return vma.status();
+  SvmRange* r;
+  SvmFault f;
+  {
+    MutexLock lock(mu_);
+    r = FindLocked(addr);
+    if (!r) return Status::Ok();  // no longer mapped by the device
+    f = DescribeFault(*r, *vma, addr, /*write=*/false);
+  }
+  if (!f.migratable || !policy_->PromoteHotRange(f)) return Status::Ok();
+  if (MigrateRange(*r) != Moved::kSome) return Status::Ok();  // already there, or no room
+  {
+    MutexLock lock(mu_);
+    stats_.promotions++;
+  }
+  return GetPagesAndMap(*r, /*write=*/false, /*fault=*/false);
+}
+
+Status SvmManager::Advise(uintptr_t start, uintptr_t end, const SvmAdvice& advice) {
+  if (start >= end || (start | end) & (page_ - 1))
+    return Status::FromErrno(EINVAL, fmt::format("Advise: [{:#x}, {:#x}) is empty or not "
+                                                 "page-aligned",
+                                                 start, end));
+  MutexLock op(op_mu_);
+  auto vmas = as_->FindVmas(start, end);
+  if (!vmas.ok()) return vmas.status();
+  uintptr_t covered = start;
+  for (const Vma& v : *vmas) {
+    if (v.start > covered) break;
+    covered = std::max(covered, v.end);
+  }
+  if (covered < end)
+    return Status::FromErrno(EFAULT, fmt::format("Advise: {:#x} is not mapped", covered));
+  // The advice must be forgotten when its memory is unmapped: make sure the unmap is seen.
+  if (MmMonitor* mon = as_->monitor()) HMMKIT_RETURN_IF_ERROR(mon->EnsureWatched(start, end));
+  {
+    MutexLock lock(mu_);
+    attributes_.Update(start, end, [&](SvmAttributes& a) {
+      if (advice.preferred) a.preferred = *advice.preferred;
+      if (advice.read_mostly) a.read_mostly = *advice.read_mostly;
+      if (advice.accessed_by) a.accessed_by = *advice.accessed_by;
+    });
+    // Windows over the advice, so that its unmap is seen (and the advice forgotten).
+    for (uintptr_t w = start & ~(uintptr_t(options_.window) - 1); w < end; w += options_.window)
+      HMMKIT_RETURN_IF_ERROR(WindowForLocked(w).status());
+    // A range lies inside one advice run: those that straddle an edge of the change go.
+    for (auto& [s, r] : ranges_)
+      if (r.start < end && r.end > start && (r.start < start || r.end > end)) r.unmapped = true;
+    idle_windows_possible_ = true;  // advice may have been unset
+  }
+  CollectGarbageLocked();
+  if (advice.accessed_by.value_or(false)) {
+    // The device maps what is present now, wherever it is.
+    for (uintptr_t a = start; a < end;) {
+      auto vma = VmaFor(a);
+      if (!vma.ok()) return vma.status();
+      SvmRange* r;
+      {
+        MutexLock lock(mu_);
+        auto found = FindOrCreateLocked(a, *vma);
+        if (!found.ok()) return found.status();
+        r = *found;
+      }
+      HMMKIT_RETURN_IF_ERROR(GetPagesAndMap(*r, /*write=*/false, /*fault=*/false));
+      a = r->end;
+    }
+  }
+  return Status::Ok();
+}
+
+SvmAttributes SvmManager::AttributesAt(uintptr_t addr) const {
+  MutexLock lock(mu_);
+  return attributes_.At(addr);
 }
 
 Status SvmManager::PrefetchToDevice(uintptr_t start, uintptr_t end) {
@@ -240,8 +484,8 @@ Status SvmManager::PrefetchToDevice(uintptr_t start, uintptr_t end) {
       if (!found.ok()) return found.status();
       r = *found;
     }
-    if (vma->migratable() && vma->accessible()) {
-      MaybeMigrate(*r, *vma, /*forced=*/true);
+    if (Migratable(*vma)) {
+      MigrateRange(*r);
       HMMKIT_RETURN_IF_ERROR(GetPagesAndMap(*r, vma->write));
     }
     addr = r->end;
@@ -315,7 +559,10 @@ size_t SvmManager::CollectGarbageLocked() {
     for (auto& [s, r] : ranges_)
       if (r.unmapped) dead.emplace_back(r.start, r.end);
   }
-  if (dead.empty()) return 0;
+  if (dead.empty()) {
+    RemoveIdleWindows();
+    return 0;
+  }
   // What is still mapped of a dead range goes back to system memory: a range is never split, so
   // its surviving part is handled again, as a new range, on its next fault.
   for (auto [s, e] : dead) EvictLocked(s, e).IgnoreError();
@@ -330,7 +577,7 @@ size_t SvmManager::CollectGarbageLocked() {
       ranges_.erase(it);
       stats_.ranges_removed++;
       stats_.garbage_collected++;
-      if (--w->ranges == 0) {
+      if (--w->ranges == 0 && !attributes_.Advised(w->start, w->end)) {
         auto wit = windows_.find(w->start);
         empty_windows.push_back(std::move(wit->second));
         windows_.erase(wit);
@@ -339,7 +586,26 @@ size_t SvmManager::CollectGarbageLocked() {
   }
   // Outside mu_: Remove waits for a running Invalidate of that window, which takes mu_.
   for (auto& w : empty_windows) as_->notifiers().Remove(w->notifier);
+  RemoveIdleWindows();
   return dead.size();
+}
+
+void SvmManager::RemoveIdleWindows() {
+  std::vector<std::unique_ptr<Window>> idle;
+  {
+    MutexLock lock(mu_);
+    if (!idle_windows_possible_) return;
+    idle_windows_possible_ = false;
+    for (auto it = windows_.begin(); it != windows_.end();) {
+      if (it->second->ranges == 0 && !attributes_.Advised(it->second->start, it->second->end)) {
+        idle.push_back(std::move(it->second));
+        it = windows_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& w : idle) as_->notifiers().Remove(w->notifier);
 }
 
 // ---- invalidation ------------------------------------------------------------------------------
@@ -353,6 +619,11 @@ void SvmManager::Invalidate(IntervalNotifier& sub, const NotifierRange& range, u
   if (s >= e) return;
   ops_.UnmapPages(s, e);
   if (range.event != InvalidateEvent::kUnmap && range.event != InvalidateEvent::kRelease) return;
+  // The advice of unmapped memory is forgotten; its window may now be idle.
+  if (attributes_.Advised(s, e)) {
+    attributes_.Clear(s, e);
+    idle_windows_possible_ = true;
+  }
   // Ranges touched by an unmap are removed by CollectGarbage (never split here: this may be the
   // monitor's event thread, which must not migrate).
   auto it = ranges_.upper_bound(s);

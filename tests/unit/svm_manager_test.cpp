@@ -127,10 +127,18 @@ TEST_F(SvmManagerTest, BadOptionsAreEinval) {
   o.window = kMiB;
   EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL)
       << "window smaller than the largest chunk";
+  o = {};
+  o.prefetch_threshold = 1.5;
+  EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL);
+  o = {};
+  o.prefetch_region = 3 * 4096;
+  EXPECT_EQ(SvmManager::Create(as_, *mem_, *dma_, ops_, o).status().errno_value(), EINVAL);
 }
 
 TEST_F(SvmManagerTest, RangesAreTheLargestAlignedChunkInsideTheVma) {
-  MakeDevice(8 * kMiB, false);
+  SvmManager::Options o;
+  o.prefetch_threshold = 0;  // chunk selection alone (the prefetcher would fill the small VMA)
+  MakeDevice(8 * kMiB, false, o);
   // Given a 4 MiB VMA aligned to 2 MiB
   Mapping big = Mapping::AlignedAnon(4 * kMiB, 2 * kMiB);
   // When the device faults in its second half
@@ -306,6 +314,184 @@ TEST_F(SvmManagerTest, PrefetchMigratesAheadAndEvictBringsBack) {
   EXPECT_EQ(ops_.Count(m.addr(), m.end()), 0u);
   EXPECT_EQ(svm_->stats().pages_to_system, 512u);
   EXPECT_TRUE(Check(m.data(), m.size(), 8));
+}
+
+// ---- policy: threshold prefetcher, access counters, advice, replaceable policy ------------------
+
+TEST_F(SvmManagerTest, ThresholdPrefetcherGrowsAFaultIntoTheRegion) {
+  SvmManager::Options o;
+  o.chunk_sizes = {64 << 10, 4096};
+  o.prefetch_region = kMiB;
+  o.prefetch_threshold = 0.5;
+  MakeDevice(4 * kMiB, false, o);
+  Mapping m = Mapping::AlignedAnon(kMiB, kMiB);
+  Fill(m.data(), m.size(), 11);
+  const size_t chunk = 64 << 10, chunks = kMiB / chunk;
+  // Faults on the first half of the region migrate chunk by chunk
+  for (size_t i = 0; i + 1 < chunks / 2; ++i)
+    ASSERT_TRUE(svm_->HandleFault(m.addr() + i * chunk, false).ok()) << i;
+  EXPECT_EQ(svm_->stats().prefetch_grows, 0u);
+  EXPECT_EQ(svm_->stats().pages_to_device, (chunks / 2 - 1) * chunk / PageSize());
+  // When the fault that makes half the region device-resident comes
+  ASSERT_TRUE(svm_->HandleFault(m.addr() + (chunks / 2 - 1) * chunk, false).ok());
+  // Then the rest of the region migrates with it, and is mapped: no more faults needed there
+  auto s = svm_->stats();
+  EXPECT_EQ(s.prefetch_grows, 1u);
+  EXPECT_EQ(s.pages_prefetched, (kMiB / 2) / PageSize());
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kDevice);
+  EXPECT_EQ(ops_.Count(m.addr(), m.end()), kMiB / PageSize());
+  EXPECT_TRUE(Check(m.data(), m.size(), 11));
+}
+
+TEST_F(SvmManagerTest, ThresholdPrefetcherStaysOffBelowTheThresholdAndWhenDisabled) {
+  SvmManager::Options o;
+  o.chunk_sizes = {64 << 10, 4096};
+  o.prefetch_region = kMiB;
+  o.prefetch_threshold = 0;  // off
+  MakeDevice(4 * kMiB, false, o);
+  Mapping m = Mapping::AlignedAnon(kMiB, kMiB);
+  for (size_t i = 0; i < 12; ++i)
+    ASSERT_TRUE(svm_->HandleFault(m.addr() + i * (64 << 10), false).ok());
+  EXPECT_EQ(svm_->stats().prefetch_grows, 0u);
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kMixed);
+}
+
+TEST_F(SvmManagerTest, AccessCounterPromotesAHotRemoteRange) {
+  SvmManager::Options o;
+  o.migrate_on_fault = false;
+  MakeDevice(4 * kMiB, false, o);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 12);
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), false).ok());
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem) << "mapped remotely first";
+  // When the device reports the range hot
+  ASSERT_TRUE(svm_->HandleAccessCounter(m.addr() + 4096).ok());
+  // Then it migrated and the device maps device pages
+  auto s = svm_->stats();
+  EXPECT_EQ(s.promotions, 1u);
+  EXPECT_EQ(s.counter_notifications, 1u);
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kDevice);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kDevicePrivate);
+  // A report for memory the device never touched is ignored
+  Mapping other = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  ASSERT_TRUE(svm_->HandleAccessCounter(other.addr()).ok());
+  EXPECT_EQ(svm_->stats().promotions, 1u);
+  EXPECT_TRUE(Check(m.data(), m.size(), 12));
+}
+
+TEST_F(SvmManagerTest, PreferredSystemMapsRemotelyAndPreferredDeviceMigrates) {
+  SvmManager::Options o;
+  o.migrate_on_fault = false;  // preferred kDevice overrides it
+  MakeDevice(8 * kMiB, false, o);
+  Mapping a = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Mapping b = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  ASSERT_TRUE(
+      svm_->Advise(a.addr(), a.end(), {.preferred = driver::PreferredLocation::kDevice}).ok());
+  ASSERT_TRUE(
+      svm_->Advise(b.addr(), b.end(), {.preferred = driver::PreferredLocation::kSystem}).ok());
+  ASSERT_TRUE(svm_->HandleFault(a.addr(), true).ok());
+  ASSERT_TRUE(svm_->HandleFault(b.addr(), true).ok());
+  EXPECT_EQ(*svm_->Scan(a.addr(), a.end()), Residency::kDevice);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(b.addr())), PageKind::kSystem);
+  EXPECT_EQ(svm_->stats().remote_maps, 1u);
+  // A hot report does not promote memory that prefers system memory
+  ASSERT_TRUE(svm_->HandleAccessCounter(b.addr()).ok());
+  EXPECT_EQ(svm_->stats().promotions, 0u);
+  // An explicit prefetch still moves it
+  ASSERT_TRUE(svm_->PrefetchToDevice(b.addr(), b.end()).ok());
+  EXPECT_EQ(*svm_->Scan(b.addr(), b.end()), Residency::kDevice);
+}
+
+TEST_F(SvmManagerTest, ReadMostlyReadsStayRemoteWritesMigrate) {
+  MakeDevice(8 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 13);
+  ASSERT_TRUE(svm_->Advise(m.addr(), m.end(), {.read_mostly = true}).ok());
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), false).ok());
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem);
+  EXPECT_EQ(svm_->stats().pages_to_device, 0u);
+  // The CPU reads it without a fault-back
+  EXPECT_TRUE(Check(m.data(), m.size(), 13));
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem) << "the mapping survived";
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kDevice);
+}
+
+TEST_F(SvmManagerTest, AccessedByMapsPresentPagesWithoutFaultsOrMigration) {
+  MakeDevice(8 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  ASSERT_EQ(madvise(m.data(), m.size(), MADV_NOHUGEPAGE), 0);  // no THP fills the second half
+  Fill(m.data(), kMiB, 14);                                    // the first half is present
+  ASSERT_TRUE(svm_->Advise(m.addr(), m.end(), {.accessed_by = true}).ok());
+  EXPECT_EQ(ops_.Count(m.addr(), m.addr() + kMiB), kMiB / PageSize());
+  EXPECT_EQ(ops_.Count(m.addr() + kMiB, m.end()), 0u) << "absent pages are not faulted in";
+  EXPECT_EQ(svm_->stats().device_faults, 0u);
+  ASSERT_TRUE(svm_->HandleFault(m.addr() + kMiB, true).ok());
+  EXPECT_EQ(svm_->stats().pages_to_device, 0u) << "accessed-by never migrates on fault";
+  EXPECT_EQ(svm_->AttributesAt(m.addr()).accessed_by, true);
+}
+
+TEST_F(SvmManagerTest, AdviceSplittingARangeEvictsItAndUnmapForgetsTheAdvice) {
+  MakeDevice(8 * kMiB, false);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(m.data(), m.size(), 15);
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+  ASSERT_EQ(svm_->Ranges().size(), 1u);
+  // When advice covers only the second half of the 2 MiB range
+  ASSERT_TRUE(svm_->Advise(m.addr() + kMiB, m.end(), {.read_mostly = true}).ok());
+  // Then the range is gone (evicted, data intact), and new ranges stay inside one advice run
+  EXPECT_TRUE(svm_->Ranges().empty());
+  EXPECT_EQ(*svm_->Scan(m.addr(), m.end()), Residency::kSystem);
+  ASSERT_TRUE(svm_->HandleFault(m.addr() + kMiB - 4096, false).ok());
+  auto ranges = svm_->Ranges();
+  ASSERT_EQ(ranges.size(), 1u);
+  EXPECT_LE(ranges[0].second, m.addr() + kMiB);
+  EXPECT_TRUE(Check(m.data(), m.size(), 15));
+  // When the advised memory is unmapped, its advice is forgotten
+  const uintptr_t half = m.addr() + kMiB;
+  ASSERT_EQ(munmap(reinterpret_cast<void*>(half), kMiB), 0);
+  as_->monitor()->Sync();
+  EXPECT_FALSE(svm_->AttributesAt(half).read_mostly);
+  ASSERT_EQ(munmap(m.data(), kMiB), 0);
+  m.Release();
+}
+
+TEST_F(SvmManagerTest, AdviceErrors) {
+  MakeDevice(2 * kMiB, false);
+  Mapping m(4 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  EXPECT_EQ(svm_->Advise(m.addr(), m.addr(), {.read_mostly = true}).errno_value(), EINVAL);
+  EXPECT_EQ(svm_->Advise(m.addr() + 1, m.end(), {.read_mostly = true}).errno_value(), EINVAL);
+  Mapping gone(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
+  const uintptr_t g = gone.addr();
+  gone.Unmap();
+  Status st = svm_->Advise(g, g + PageSize(), {.read_mostly = true});
+  EXPECT_EQ(st.errno_value(), EFAULT);
+  EXPECT_NE(st.ToString().find("not mapped"), std::string::npos) << st.ToString();
+}
+
+// A driver's own policy: everything remote, nothing promoted.
+class RemoteOnlyPolicy final : public driver::SvmPolicy {
+ public:
+  driver::Placement OnDeviceFault(const driver::SvmFault& f) const override {
+    seen_migratable = f.migratable;
+    return driver::Placement::kRemote;
+  }
+  bool PromoteHotRange(const driver::SvmFault&) const override { return false; }
+  mutable bool seen_migratable = false;
+};
+
+TEST_F(SvmManagerTest, ADriverPolicyReplacesTheDefault) {
+  auto policy = std::make_shared<RemoteOnlyPolicy>();
+  SvmManager::Options o;
+  o.policy = policy;
+  MakeDevice(4 * kMiB, false, o);
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  ASSERT_TRUE(svm_->HandleFault(m.addr(), true).ok());
+  EXPECT_TRUE(policy->seen_migratable);
+  EXPECT_EQ(svm_->stats().pages_to_device, 0u);
+  EXPECT_EQ(hmm_pfn::Kind(ops_.At(m.addr())), PageKind::kSystem);
+  ASSERT_TRUE(svm_->HandleAccessCounter(m.addr()).ok());
+  EXPECT_EQ(svm_->stats().promotions, 0u);
 }
 
 }  // namespace
