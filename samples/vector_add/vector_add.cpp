@@ -1,10 +1,10 @@
 // vector_add: c[i] = a[i] + b[i] on the device, over three malloc'd arrays. No explicit copies:
 // the device faults the pages in (and migrates them), the CPU reads the result where it is.
-#include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 
+#include "../print_stats.hpp"
 #include "hmmkit/svm.hpp"
 
 int main(int argc, char** argv) {
@@ -39,11 +39,7 @@ int main(int argc, char** argv) {
   const hmmkit::svm::DeviceStats s = (*dev)->stats();
   std::printf("vector_add: %zu elements on %s: %s\n", n, (*dev)->name().c_str(),
               wrong ? "WRONG" : "correct");
-  std::printf("  device faults %" PRIu64 " in %" PRIu64 " batches, %" PRIu64
-              " bytes to the device, %" PRIu64 " remote maps, %" PRIu64
-              " CPU faults (pages read back), %" PRIu64 " evictions\n",
-              s.device_faults, s.fault_batches, s.bytes_to_device, s.remote_maps, s.cpu_faults,
-              s.evictions);
+  PrintStats("launch", s);
   std::free(a);
   std::free(b);
   std::free(c);

@@ -9,7 +9,14 @@
 //                  its locks, migrates, then maps through MapPages -> DeviceMmu::Update).
 //   invalidations  SvmManager::Invalidate -> UnmapPages -> DeviceMmu::Unmap, on whatever thread
 //                  raised them; Unmap waits for the compute units' guards, which never wait on it.
-// Order: launch_mu_ -> SvmManager locks -> MMU lock.
+//   access counters compute units count remote (system-memory) accesses per 64 KiB region under
+//                  counter_mu_; a region that reaches the threshold is queued for the counter
+//                  thread, which calls SvmManager::HandleAccessCounter (it may migrate the range).
+// Order: launch_mu_ -> SvmManager locks -> MMU lock; MMU guard -> counter_mu_ (a leaf).
+//
+// Atomics: on device memory, in place; on system memory, at the CPU address while the guard keeps
+// the translation alive (a coherent interconnect's view). A program that unmaps memory while a
+// kernel runs atomics on it gets what the CPU would: a fault (SIGSEGV), not a device error.
 #include <fmt/format.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -17,9 +24,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <deque>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/base/mutex.hpp"
 #include "hmmkit/dma/cpu_engine.hpp"
@@ -64,9 +74,31 @@ emu::Pte PteOf(uint64_t entry, uint64_t va) {
     p.target_kind = emu::Target::kSystem;  // reached at its CPU address (remote map)
     p.target = va;
   }
-  p.perms = emu::Perm::kRead | (w ? emu::Perm::kWrite : emu::Perm::kNone);
+  p.perms = emu::Perm::kRead | (w ? emu::Perm::kWrite | emu::Perm::kAtomic : emu::Perm::kNone);
   return p;
 }
+
+template <class U>
+U AtomicOn(void* where, KernelContext::AtomicOp op, U a, U b) {
+  U* p = static_cast<U*>(where);
+  switch (op) {
+    case KernelContext::AtomicOp::kAdd:
+      return __atomic_fetch_add(p, a, __ATOMIC_SEQ_CST);
+    case KernelContext::AtomicOp::kExchange:
+      return __atomic_exchange_n(p, a, __ATOMIC_SEQ_CST);
+    case KernelContext::AtomicOp::kCompareExchange:
+      __atomic_compare_exchange_n(p, &a, b, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+      return a;  // the old value, whether or not it matched
+  }
+  return 0;
+}
+
+uint64_t AtomicOn(void* where, size_t size, KernelContext::AtomicOp op, uint64_t a, uint64_t b) {
+  return size == 4 ? AtomicOn<uint32_t>(where, op, uint32_t(a), uint32_t(b))
+                   : AtomicOn<uint64_t>(where, op, a, b);
+}
+
+constexpr uintptr_t kCounterRegion = uintptr_t(64) << 10;
 
 class EmuSvmDevice;
 
@@ -75,6 +107,7 @@ class EmuKernelContext final : public KernelContext {
  public:
   EmuKernelContext(EmuSvmDevice& dev, unsigned cu) : KernelContext(cu), dev_(dev) {}
   void Access(uintptr_t va, size_t size, uint64_t* value, bool write) override;
+  uint64_t Atomic(uintptr_t va, size_t size, AtomicOp op, uint64_t a, uint64_t b) override;
   const Status& error() const { return error_; }
 
  private:
@@ -84,9 +117,16 @@ class EmuKernelContext final : public KernelContext {
 
 class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
  public:
+  static std::pair<uintptr_t, uintptr_t> Pages(const void* p, size_t len) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    return {a & ~(kPage - 1), (a + len + kPage - 1) & ~(kPage - 1)};
+  }
+
   static Result<std::unique_ptr<Device>> Create(const DeviceOptions& o) {
     if (o.compute_units == 0 || o.compute_units > 256)
       return Status::FromErrno(EINVAL, "compute_units must be 1..256");
+    if (!(o.prefetch_threshold >= 0 && o.prefetch_threshold <= 1))
+      return Status::FromErrno(EINVAL, "prefetch_threshold must be in [0, 1]");
     auto as = ProcessAddressSpace();
     if (!as.ok()) return as.status();
     auto dev = std::unique_ptr<EmuSvmDevice>(new EmuSvmDevice(*as, o));
@@ -97,6 +137,12 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   ~EmuSvmDevice() override {
     faults_.Shutdown();
     if (service_.joinable()) service_.join();
+    {
+      MutexLock lock(counter_mu_);
+      counter_stop_ = true;
+    }
+    counter_cv_.NotifyAll();
+    if (counter_thread_.joinable()) counter_thread_.join();
     if (svm_) {
       // Everything on the device goes home before the memory goes away.
       for (auto [s, e] : svm_->Ranges()) svm_->Evict(s, e).IgnoreError();
@@ -116,6 +162,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     std::vector<std::thread> threads;
     for (unsigned cu = 0; cu < units; ++cu) {
       threads.emplace_back([&, cu] {
+        InternalThreadScope internal;  // a migration never takes a compute unit's stack
         EmuKernelContext& k = *ctx[cu];
         for (;;) {
           const size_t first = next.fetch_add(kGrain);
@@ -133,10 +180,60 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   }
 
   Status Prefetch(const void* p, size_t len, Location to) override {
-    const uintptr_t s = reinterpret_cast<uintptr_t>(p) & ~(kPage - 1);
-    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + len + kPage - 1) & ~(kPage - 1);
     if (len == 0) return Status::Ok();
+    auto [s, e] = Pages(p, len);
     return to == Location::kDevice ? svm_->PrefetchToDevice(s, e) : svm_->Evict(s, e);
+  }
+
+  Status Advise(const void* p, size_t len, Advice advice, Location where) override {
+    if (len == 0) return Status::FromErrno(EINVAL, "Advise: empty range");
+    driver::SvmAdvice a;
+    switch (advice) {
+      case Advice::kSetPreferredLocation:
+        a.preferred = where == Location::kDevice ? driver::PreferredLocation::kDevice
+                                                 : driver::PreferredLocation::kSystem;
+        break;
+      case Advice::kUnsetPreferredLocation:
+        a.preferred = driver::PreferredLocation::kNone;
+        break;
+      case Advice::kSetReadMostly:
+      case Advice::kUnsetReadMostly:
+        a.read_mostly = advice == Advice::kSetReadMostly;
+        break;
+      case Advice::kSetAccessedBy:
+      case Advice::kUnsetAccessedBy:
+        a.accessed_by = advice == Advice::kSetAccessedBy;
+        break;
+      default:
+        return Status::FromErrno(EINVAL, fmt::format("Advise: unknown advice {}", int(advice)));
+    }
+    auto [s, e] = Pages(p, len);
+    return svm_->Advise(s, e, a);
+  }
+
+  Result<Residency> QueryResidency(const void* p, size_t len) override {
+    if (len == 0) return Status::FromErrno(EINVAL, "QueryResidency: empty range");
+    auto [s, e] = Pages(p, len);
+    auto vmas = as_->FindVmas(s, e);
+    if (!vmas.ok()) return vmas.status();
+    uintptr_t covered = s;
+    for (const Vma& v : *vmas)
+      if (v.start <= covered) covered = std::max(covered, v.end);
+    if (covered < e)
+      return Status::FromErrno(EFAULT, fmt::format("QueryResidency: {:#x} is not mapped", covered));
+    auto r = svm_->Scan(s, e);
+    if (!r.ok()) return r.status();
+    switch (*r) {
+      case driver::Residency::kUnpopulated:
+        return Residency::kUnpopulated;
+      case driver::Residency::kSystem:
+        return Residency::kSystem;
+      case driver::Residency::kDevice:
+        return Residency::kDevice;
+      case driver::Residency::kMixed:
+        return Residency::kMixed;
+    }
+    return Residency::kMixed;
   }
 
   DeviceStats stats() const override {
@@ -151,6 +248,9 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     d.thrashing_events = s.thrashing_events;
     d.evictions = memory_->stats().evictions;
     d.cpu_faults = as_->monitor()->stats().faults - cpu_faults_base_;
+    d.pages_prefetched = s.pages_prefetched;
+    d.counter_promotions = s.promotions;
+    d.atomics = atomics_.load(std::memory_order_relaxed);
     return d;
   }
   const std::string& name() const override { return name_; }
@@ -186,6 +286,30 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     }
   }
 
+  Result<uint64_t> AtomicOnce(unsigned cu, uintptr_t va, size_t size, KernelContext::AtomicOp op,
+                              uint64_t a, uint64_t b) {
+    for (int round = 0;; ++round) {
+      {
+        emu::DeviceMmu::AccessGuard guard = mmu_.BeginAccess(cu);
+        Result<emu::Translation> t = guard.Translate(va, emu::Access::kAtomic);
+        if (t.ok()) {
+          atomics_.fetch_add(1, std::memory_order_relaxed);
+          if (t->pte.target_kind == emu::Target::kLocal)
+            return AtomicOn(
+                static_cast<char*>(memory_->PageData(t->LocalPage(va))) + (va & (kPage - 1)), size,
+                op, a, b);
+          CountRemote(va);
+          return AtomicOn(reinterpret_cast<void*>(t->CpuAddress(va)), size, op, a, b);
+        }
+        if (t.errno_value() != EFAULT && t.errno_value() != EPERM) return t.status();
+      }
+      if (round == 64)
+        return Status::FromErrno(EIO, fmt::format("device atomic at {:#x} kept faulting", va));
+      Status st = faults_.RaiseAndWait({.va = va, .access = emu::Access::kAtomic, .cu = cu});
+      if (!st.ok()) return st;
+    }
+  }
+
  private:
   EmuSvmDevice(std::shared_ptr<AddressSpace> as, const DeviceOptions& o)
       : as_(std::move(as)),
@@ -210,12 +334,21 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     memory_ = std::move(*mem);
     driver::SvmManager::Options so;
     so.migrate_on_fault = o.migrate_on_fault;
+    so.prefetch_threshold = o.prefetch_threshold;
+    counter_threshold_ = o.access_counter_threshold;
     auto svm = driver::SvmManager::Create(as_, *memory_, *dma_, *this, so);
     if (!svm.ok()) return svm.status();
     svm_ = std::move(*svm);
     cpu_faults_base_ = as_->monitor()->stats().faults;
-    service_ =
-        std::thread([this] { faults_.ServiceLoop([this](auto batch) { return Service(batch); }); });
+    service_ = std::thread([this] {
+      InternalThreadScope internal;
+      faults_.ServiceLoop([this](auto batch) { return Service(batch); });
+    });
+    if (counter_threshold_ > 0)
+      counter_thread_ = std::thread([this] {
+        InternalThreadScope internal;
+        CounterLoop();
+      });
     Log().info("{}: emulated SVM device, {} compute units, {} MiB device memory, {} on fault",
                name_, o.compute_units, o.memory_bytes >> 20,
                o.migrate_on_fault ? "migrate" : "map remotely");
@@ -248,6 +381,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
       }
       case emu::Target::kSystem:
       case emu::Target::kExclusive: {
+        CountRemote(va);
         // Remote access to system memory: checked, so a page unmapped behind the device's back is
         // a device error, not a crash.
         iovec local{value, size}, remote{reinterpret_cast<void*>(t.CpuAddress(va)), size};
@@ -261,6 +395,42 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     return Status::FromErrno(EINVAL, "unknown translation target");
   }
 
+  // A remote access by a compute unit (its guard held): counts it, and queues the region for the
+  // counter thread when it reaches the threshold.
+  void CountRemote(uintptr_t va) {
+    if (counter_threshold_ == 0) return;
+    const uintptr_t region = va & ~(kCounterRegion - 1);
+    bool notify = false;
+    {
+      MutexLock lock(counter_mu_);
+      uint32_t& c = counts_[region];
+      if (++c == counter_threshold_) {
+        c = 0;
+        hot_.push_back(region);
+        notify = true;
+      }
+    }
+    if (notify) counter_cv_.NotifyAll();
+  }
+
+  // The counter thread: reports hot regions to the manager (the kernel: an access-counter
+  // notification serviced by the driver's bottom half).
+  void CounterLoop() {
+    for (;;) {
+      uintptr_t region;
+      {
+        MutexLock lock(counter_mu_);
+        counter_cv_.Wait(counter_mu_,
+                         [&]() REQUIRES(counter_mu_) { return counter_stop_ || !hot_.empty(); });
+        if (counter_stop_) return;
+        region = hot_.front();
+        hot_.pop_front();
+      }
+      Status st = svm_->HandleAccessCounter(region);
+      if (!st.ok()) Log().debug("{}: access counter at {:#x}: {}", name_, region, st.ToString());
+    }
+  }
+
   static inline std::atomic<unsigned> next_index_{0};
   std::shared_ptr<AddressSpace> as_;
   emu::DeviceMmu mmu_;
@@ -270,7 +440,15 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   std::shared_ptr<driver::DeviceMemory> memory_;
   std::unique_ptr<driver::SvmManager> svm_;
   uint64_t cpu_faults_base_ = 0;
+  std::atomic<uint64_t> atomics_{0};
+  unsigned counter_threshold_ = 0;
+  Mutex counter_mu_;
+  CondVar counter_cv_;
+  std::unordered_map<uintptr_t, uint32_t> counts_ GUARDED_BY(counter_mu_);
+  std::deque<uintptr_t> hot_ GUARDED_BY(counter_mu_);
+  bool counter_stop_ GUARDED_BY(counter_mu_) = false;
   std::thread service_;
+  std::thread counter_thread_;
   Mutex launch_mu_;
 };
 
@@ -283,7 +461,35 @@ void EmuKernelContext::Access(uintptr_t va, size_t size, uint64_t* value, bool w
   error_ = dev_.AccessOnce(compute_unit(), va, size, value, write);
 }
 
+uint64_t EmuKernelContext::Atomic(uintptr_t va, size_t size, AtomicOp op, uint64_t a, uint64_t b) {
+  if (!error_.ok()) return 0;
+  if (va % size != 0) {
+    error_ = Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte atomic at {:#x}", size, va));
+    return 0;
+  }
+  auto old = dev_.AtomicOnce(compute_unit(), va, size, op, a, b);
+  if (!old.ok()) {
+    error_ = old.status();
+    return 0;
+  }
+  return *old;
+}
+
 }  // namespace
+
+const char* ToString(Residency r) {
+  switch (r) {
+    case Residency::kUnpopulated:
+      return "unpopulated";
+    case Residency::kSystem:
+      return "system";
+    case Residency::kDevice:
+      return "device";
+    case Residency::kMixed:
+      return "mixed";
+  }
+  return "?";
+}
 
 Result<std::unique_ptr<Device>> Device::Open(const DeviceOptions& options) {
   std::string backend = options.backend;
