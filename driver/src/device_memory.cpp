@@ -14,6 +14,7 @@
 #include <string>
 #include <utility>
 
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 
 namespace hmmkit::driver {
@@ -174,9 +175,22 @@ DeviceMemory::DeviceMemory(const Options& options, int fd, void* base, bool huge
   counters_.capacity = options_.capacity;
   counters_.pages_total = page_count_;
   counters_.chunks_total = chunk_count_;
+  // The page map is touched while pages migrate (GetPage/PutPage from the fault thread): at this
+  // size malloc takes it from its own mmap, which may merge with user memory. Never migrate it.
+  for (auto [p, len] : MetadataSpans()) InternalMemory::Add(p, p + len);
+}
+
+std::vector<std::pair<uintptr_t, size_t>> DeviceMemory::MetadataSpans() const
+    NO_THREAD_SAFETY_ANALYSIS {
+  // Sized once in the constructor; only the addresses are read.
+  return {{reinterpret_cast<uintptr_t>(refs_.get()), page_count_ * sizeof(PageRef)},
+          {reinterpret_cast<uintptr_t>(hot_.get()), chunk_count_ * sizeof(ChunkHot)},
+          {reinterpret_cast<uintptr_t>(pages_.data()), pages_.size() * sizeof(PageMeta)},
+          {reinterpret_cast<uintptr_t>(chunks_.data()), chunks_.size() * sizeof(ChunkMeta)}};
 }
 
 DeviceMemory::~DeviceMemory() {
+  for (auto [p, len] : MetadataSpans()) InternalMemory::Remove(p, p + len);
   bool done;
   {
     MutexLock lock(mu_);
@@ -329,6 +343,13 @@ bool DeviceMemory::IsPoisoned(uint64_t id) const {
 void DeviceMemory::FailNextAlloc() {
   MutexLock lock(mu_);
   fail_next_alloc_ = true;
+}
+
+Status DeviceMemory::CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst) {
+  HMMKIT_RETURN_IF_ERROR(DevicePagemap::CopyToRam(ids, dst));
+  MutexLock lock(mu_);
+  counters_.pages_copied_to_ram += ids.size();
+  return Status::Ok();
 }
 
 DeviceMemory::Stats DeviceMemory::stats() const {

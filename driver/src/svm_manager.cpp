@@ -115,16 +115,21 @@ Result<Vma> SvmManager::VmaFor(uintptr_t addr) const {
   if (!*vma) return Status::FromErrno(EFAULT, fmt::format("{:#x} is not mapped", addr));
   // The mapping as the application made it: hmmkit's own userfaultfd registrations split VMAs
   // (page-exact routing of migrated pages), so join the compatible neighbours, as far as any
-  // range or prefetch region around addr can reach.
+  // range or prefetch region around addr can reach. Only neighbours the monitor watches: those are
+  // the pieces of memory the device already used. A compatible neighbour the kernel kept apart
+  // because it is not registered is someone else's memory (the dynamic loader's, a library's),
+  // which must never be migrated.
   const uintptr_t span = std::max(options_.chunk_sizes.front(), options_.prefetch_region);
   const uintptr_t lo = addr & ~(span - 1), hi = lo + span;
   Vma joined = **vma;
   auto around = as_->FindVmas(lo, hi);
   if (!around.ok()) return joined;
+  MmMonitor* mon = as_->monitor();
   auto compatible = [&](const Vma& v) {
     return v.kind == joined.kind && v.shared == joined.shared && v.read == joined.read &&
            v.write == joined.write && v.exec == joined.exec && v.name == joined.name &&
-           v.inode == joined.inode;
+           v.inode == joined.inode && mon &&
+           mon->IsWatched(std::max(v.start, lo), std::min(v.end, hi));
   };
   const std::vector<Vma>& vs = *around;
   auto at = std::find_if(vs.begin(), vs.end(), [&](const Vma& v) { return v.contains(addr); });
@@ -197,7 +202,7 @@ SvmFault SvmManager::DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, 
   f.write = write;
   f.range_start = r.start;
   f.range_end = r.end;
-  f.migratable = Migratable(vma);
+  f.migratable = Migratable(vma) && !InMallocArenaHeap(r.start);
   f.attrs = attributes_.At(addr);
   f.migrate_on_fault = options_.migrate_on_fault;
   const auto now = std::chrono::steady_clock::now();
@@ -217,6 +222,24 @@ SvmFault SvmManager::DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, 
   return f;
 }
 
+bool SvmManager::InMallocArenaHeap(uintptr_t addr) const {
+  // glibc gives each thread arena heaps of 64 MiB (2 * the largest mmap threshold), aligned to
+  // their size: a read-write part from the aligned start, the rest reserved PROT_NONE up to the
+  // next boundary. Every thread's small allocations live there, hmmkit's included (the emulated
+  // MMU's page-table nodes, the manager's own tables), so such a heap is treated like the brk heap.
+  constexpr uintptr_t kHeap = uintptr_t(64) << 20;
+  const uintptr_t b = addr & ~(kHeap - 1);
+  auto top = as_->FindVma(b + kHeap - 1);
+  if (!top.ok() || !*top) return false;
+  const Vma& reserved = **top;
+  if (reserved.accessible() || reserved.kind != VmaKind::kAnon || reserved.end != b + kHeap ||
+      reserved.start <= b)
+    return false;
+  auto low = as_->FindVma(b);
+  return low.ok() && *low && (*low)->kind == VmaKind::kAnon && (*low)->accessible() &&
+         (*low)->start <= b;
+}
+
 Result<size_t> SvmManager::MigrateSpan(uintptr_t start, uintptr_t end) {
   // MigrateToDevice works inside one VMA; hmmkit's own registrations may have split the mapping.
   auto vmas = as_->FindVmas(start, end);
@@ -225,6 +248,7 @@ Result<size_t> SvmManager::MigrateSpan(uintptr_t start, uintptr_t end) {
   Status first = Status::Ok();
   for (const Vma& v : *vmas) {
     if (!v.migratable() || !v.accessible()) continue;
+    if (InMallocArenaHeap(std::max(v.start, start))) continue;
     auto moved =
         MigrateToDevice(*as_, memory_, dma_, std::max(v.start, start), std::min(v.end, end));
     if (moved.ok()) {

@@ -13,6 +13,7 @@
 
 #include "device_entries.hpp"
 #include "fork_guard.hpp"
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "interpose_client.hpp"
@@ -60,6 +61,7 @@ AddressSpace::AddressSpace(const Options& options)
       creator_pid_(::getpid()) {}
 
 Result<std::shared_ptr<AddressSpace>> AddressSpace::Create(const Options& options) {
+  RegisterLoaderMemory();  // never migrated: see internal_memory.hpp
   if (options.fault_window == 0 || (options.fault_window & (options.fault_window - 1)) != 0)
     return Status::FromErrno(EINVAL, "AddressSpace: fault_window must be a power of two >= 1");
   if (options.granule < size_t(sysconf(_SC_PAGESIZE)) ||

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 
+#include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "hmmkit/mirror/migrate.hpp"
@@ -23,14 +24,14 @@ constexpr size_t kSlab = 2u << 20;
 
 StagingPool::~StagingPool() {
   MutexLock lock(mu_);
-  for (void* s : slabs_) ::munmap(s, kSlab);
+  for (void* s : slabs_) UnmapInternal(s, kSlab);
 }
 
 void* StagingPool::Alloc() {
   MutexLock lock(mu_);
   if (free_.empty()) {
-    void* slab = ::mmap(nullptr, kSlab, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (slab == MAP_FAILED) return nullptr;
+    void* slab = MapInternal(kSlab);  // never itself the target of a migration
+    if (!slab) return nullptr;
     slabs_.push_back(slab);
     for (size_t off = kSlab; off > 0; off -= page_)
       free_.push_back(static_cast<char*>(slab) + off - page_);

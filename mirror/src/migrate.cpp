@@ -179,11 +179,12 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
 
   const bool system_ok = to_device && st->vma.migratable() && st->vma.accessible();
   const std::pair<uintptr_t, uintptr_t> own_stack = CurrentThreadStack();
+  const std::pair<uintptr_t, uintptr_t> own_tcb = CurrentThreadControlBlock(/*with_tls=*/false);
   if (system_ok) {
     // Missing-page faults in the range must reach hmmkit before anything is zapped. Not on
     // hmmkit's own stacks (skipped below): a thread growing its stack there would fault to the
     // monitor, which may be that very thread.
-    for (auto [s, e] : InternalMemory::Outside(m.start, m.end, own_stack)) {
+    for (auto [s, e] : InternalMemory::Outside(m.start, m.end, own_stack, own_tcb)) {
       Status routed = st->entries->EnsureRouted(s, e);
       if (!routed.ok()) return routed;
     }
@@ -203,6 +204,7 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
     return snap;
   }
 
+  const auto internal = InternalMemory::Overlapping(m.start, m.end, own_stack, own_tcb);
   std::vector<uint8_t> present(n, 0);
   for (size_t i = 0; i < n; ++i) {
     const uintptr_t va = m.start + i * page;
@@ -222,9 +224,11 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
       continue;
     }
     if (!system_ok || st->entries->Pinned(va)) continue;
-    // hmmkit's own thread stacks, and the stack of the thread migrating, stay: a thread must
-    // never fault on its own stack while it services faults or migrations.
-    if ((va >= own_stack.first && va < own_stack.second) || InternalMemory::Contains(va)) continue;
+    // hmmkit's own memory (thread stacks, buffers) and the stack of the thread migrating stay:
+    // a thread must never fault on them while it services faults or migrations.
+    if (std::any_of(internal.begin(), internal.end(),
+                    [&](const auto& r) { return r.first < va + page && r.second > va; }))
+      continue;
     const PageState& ps = states[i];
     if (ps.has(PageState::kSwapped)) continue;  // the kernel skips swap entries too
     const uint64_t w = st->vma.write ? migrate_pfn::kWrite : 0;
@@ -264,9 +268,8 @@ Status MigrateVmaAllocSystemPages(MigrateVma& m) {
   MigrateState& st = *m.state;
   if (st.staging) return Status::Ok();
   st.staging_len = m.npages * st.page;
-  void* p =
-      ::mmap(nullptr, st.staging_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED) return Status::FromErrno(errno, "migrate_vma: staging pages");
+  void* p = MapInternal(st.staging_len);  // never itself the target of another migration
+  if (!p) return Status::FromErrno(errno, "migrate_vma: staging pages");
   st.staging = p;
   for (size_t i = 0; i < m.npages; ++i)
     if (m.src[i] & migrate_pfn::kMigrate)
@@ -415,7 +418,7 @@ void MigrateVmaFinalize(MigrateVma& m) {
         [&](size_t i, size_t k) {
           monitor.WriteProtect(m.start + i * page, k * page, false).IgnoreError();
         });
-    if (st.staging) ::munmap(st.staging, st.staging_len);  // moved pages are no longer in it
+    if (st.staging) UnmapInternal(st.staging, st.staging_len);  // moved pages are no longer in it
     // The device entries are gone: threads faulting on the copied pages may run now.
     ForEachRun(
         n, [&](size_t i) { return st.committed[i] != 0; },

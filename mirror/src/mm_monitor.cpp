@@ -158,9 +158,8 @@ constexpr size_t kSlabBytes = 64 << 10;
 // Takes a node from the pool, growing it with mmap (never malloc: see MessageQueue).
 MmMonitor::Message* MmMonitor::AllocMessageLocked() {
   if (!free_messages_) {
-    void* slab =
-        ::mmap(nullptr, kSlabBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (slab == MAP_FAILED) return nullptr;
+    void* slab = MapInternal(kSlabBytes);  // no malloc; never the target of a migration
+    if (!slab) return nullptr;
     *static_cast<void**>(slab) = slabs_;
     slabs_ = slab;
     auto* first = reinterpret_cast<Message*>(
@@ -281,7 +280,7 @@ MmMonitor::~MmMonitor() {
   MutexLock lock(queue_mu_);
   while (slabs_) {
     void* next = *static_cast<void**>(slabs_);
-    ::munmap(slabs_, kSlabBytes);
+    UnmapInternal(slabs_, kSlabBytes);
     slabs_ = next;
   }
 }

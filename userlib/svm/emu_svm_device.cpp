@@ -243,7 +243,9 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     d.device_faults = q.raised;
     d.fault_batches = q.batches;
     d.bytes_to_device = s.pages_to_device * kPage;
-    d.bytes_to_system = s.pages_to_system * kPage;
+    // Prefetches and evictions to system memory (DMA), plus pages a CPU touch or an eviction
+    // copied back.
+    d.bytes_to_system = (s.pages_to_system + memory_->stats().pages_copied_to_ram) * kPage;
     d.remote_maps = s.remote_maps;
     d.thrashing_events = s.thrashing_events;
     d.evictions = memory_->stats().evictions;

@@ -1,66 +1,116 @@
-// The registry of hmmkit's own thread stacks (internal_memory.hpp).
+// The registry of hmmkit's own memory (internal_memory.hpp): a fixed table, so that registering
+// never allocates.
 #include "hmmkit/base/internal_memory.hpp"
 
+#include <dlfcn.h>
+#include <link.h>
 #include <pthread.h>
+#include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
 #include <mutex>
-#include <set>
 
 namespace hmmkit {
 
 namespace {
 
-std::mutex& RegistryMutex() {
-  static std::mutex mu;
-  return mu;
-}
+constexpr size_t kSlots = 1024;  // thread stacks and slabs of one process
 
-std::multiset<std::pair<uintptr_t, uintptr_t>>& Registry() {
-  static auto* ranges = new std::multiset<std::pair<uintptr_t, uintptr_t>>();  // never destroyed:
-  return *ranges;  // threads may unregister during static destruction
+struct Registry {
+  std::mutex mu;
+  std::array<std::pair<uintptr_t, uintptr_t>, kSlots> ranges{};  // {0, 0}: free
+  size_t used = 0;                                               // slots [0, used) may be in use
+};
+
+Registry& TheRegistry() {
+  static auto* r = new Registry();  // never destroyed: threads may unregister during exit
+  return *r;
 }
 
 }  // namespace
 
-void InternalMemory::Add(uintptr_t start, uintptr_t end) {
-  if (start >= end) return;
-  std::lock_guard lock(RegistryMutex());
-  Registry().emplace(start, end);
-}
-
-void InternalMemory::Remove(uintptr_t start, uintptr_t end) {
-  std::lock_guard lock(RegistryMutex());
-  auto it = Registry().find({start, end});
-  if (it != Registry().end()) Registry().erase(it);
-}
-
-bool InternalMemory::Contains(uintptr_t va) {
-  std::lock_guard lock(RegistryMutex());
-  for (const auto& [s, e] : Registry())  // a few dozen threads at most
-    if (s <= va && va < e) return true;
+bool InternalMemory::Add(uintptr_t start, uintptr_t end) {
+  if (start >= end) return false;
+  Registry& r = TheRegistry();
+  std::lock_guard lock(r.mu);
+  for (size_t i = 0; i < kSlots; ++i) {
+    if (r.ranges[i].first == 0 && r.ranges[i].second == 0) {
+      r.ranges[i] = {start, end};
+      r.used = std::max(r.used, i + 1);
+      return true;
+    }
+  }
   return false;
 }
 
-std::vector<std::pair<uintptr_t, uintptr_t>> InternalMemory::Outside(
-    uintptr_t start, uintptr_t end, std::pair<uintptr_t, uintptr_t> also) {
-  std::vector<std::pair<uintptr_t, uintptr_t>> holes;
-  {
-    std::lock_guard lock(RegistryMutex());
-    for (const auto& r : Registry())
-      if (r.first < end && r.second > start) holes.push_back(r);
+void InternalMemory::Remove(uintptr_t start, uintptr_t end) {
+  Registry& r = TheRegistry();
+  std::lock_guard lock(r.mu);
+  for (size_t i = 0; i < r.used; ++i) {
+    if (r.ranges[i] == std::make_pair(start, end)) {
+      r.ranges[i] = {0, 0};
+      return;
+    }
   }
-  if (also.first < end && also.second > start) holes.push_back(also);
-  std::sort(holes.begin(), holes.end());
+}
+
+bool InternalMemory::Overlaps(uintptr_t start, uintptr_t end) {
+  Registry& r = TheRegistry();
+  std::lock_guard lock(r.mu);
+  for (size_t i = 0; i < r.used; ++i)
+    if (r.ranges[i].first < end && r.ranges[i].second > start) return true;
+  return false;
+}
+
+std::vector<std::pair<uintptr_t, uintptr_t>> InternalMemory::Overlapping(
+    uintptr_t start, uintptr_t end, std::pair<uintptr_t, uintptr_t> also,
+    std::pair<uintptr_t, uintptr_t> also2) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> out;
+  {
+    Registry& r = TheRegistry();
+    std::lock_guard lock(r.mu);
+    for (size_t i = 0; i < r.used; ++i)
+      if (r.ranges[i].first < end && r.ranges[i].second > start) out.push_back(r.ranges[i]);
+  }
+  if (also.first < end && also.second > start) out.push_back(also);
+  if (also2.first < end && also2.second > start) out.push_back(also2);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<std::pair<uintptr_t, uintptr_t>> InternalMemory::Outside(
+    uintptr_t start, uintptr_t end, std::pair<uintptr_t, uintptr_t> also,
+    std::pair<uintptr_t, uintptr_t> also2) {
   std::vector<std::pair<uintptr_t, uintptr_t>> out;
   uintptr_t cursor = start;
-  for (const auto& [s, e] : holes) {
+  for (const auto& [s, e] : Overlapping(start, end, also, also2)) {
     if (s > cursor) out.emplace_back(cursor, std::min(s, end));
     cursor = std::max(cursor, e);
     if (cursor >= end) break;
   }
   if (cursor < end) out.emplace_back(cursor, end);
   return out;
+}
+
+void* MapInternal(size_t len) {
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  const auto s = reinterpret_cast<uintptr_t>(p);
+  if (!InternalMemory::Add(s, s + len)) {
+    ::munmap(p, len);
+    errno = ENOSPC;
+    return nullptr;
+  }
+  return p;
+}
+
+void UnmapInternal(void* p, size_t len) {
+  if (!p) return;
+  const auto s = reinterpret_cast<uintptr_t>(p);
+  InternalMemory::Remove(s, s + len);
+  ::munmap(p, len);
 }
 
 std::pair<uintptr_t, uintptr_t> CurrentThreadStack() {
@@ -80,12 +130,53 @@ std::pair<uintptr_t, uintptr_t> CurrentThreadStack() {
   return cached;
 }
 
-InternalThreadScope::InternalThreadScope() : stack_(CurrentThreadStack()) {
-  InternalMemory::Add(stack_.first, stack_.second);
+constexpr uintptr_t kTcbBytes = 2304;  // glibc x86-64: sizeof(struct pthread) (TLS_TCB_SIZE)
+
+// The static TLS block below the thread pointer: glibc's static TLS size (which counts the TCB)
+// minus the TCB. 0 when the loader does not tell.
+uintptr_t StaticTlsBytes() {
+  static const uintptr_t bytes = [] {
+    using GetTlsStaticInfo = void (*)(size_t*, size_t*);
+    auto fn = reinterpret_cast<GetTlsStaticInfo>(dlsym(RTLD_DEFAULT, "_dl_get_tls_static_info"));
+    if (!fn) return uintptr_t(0);
+    size_t size = 0, align = 0;
+    fn(&size, &align);
+    return size > kTcbBytes ? uintptr_t(size - kTcbBytes) : uintptr_t(0);
+  }();
+  return bytes;
+}
+
+std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls) {
+  // glibc on x86-64: the thread pointer is the struct pthread (about 2.3 KiB); static TLS lies
+  // right below it. Only those pages: neighbouring memory belongs to others.
+  constexpr uintptr_t kPage = 4096;
+  const uintptr_t kBelow = with_tls ? StaticTlsBytes() : 1, kAbove = kTcbBytes;
+  const auto self = reinterpret_cast<uintptr_t>(pthread_self());
+  const uintptr_t start = self > kBelow ? (self - kBelow) & ~(kPage - 1) : 0;
+  return {start, (self + kAbove + kPage - 1) & ~(kPage - 1)};
+}
+
+void RegisterLoaderMemory() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    constexpr uintptr_t kPage = 4096;
+    for (const link_map* l = _r_debug.r_map; l; l = l->l_next) {
+      const auto p = reinterpret_cast<uintptr_t>(l);
+      // The struct link_map is about 1.2 KiB: its page(s), not the neighbours.
+      InternalMemory::Add(p & ~(kPage - 1), (p + 1280 + kPage - 1) & ~(kPage - 1));
+    }
+  });
+}
+
+InternalThreadScope::InternalThreadScope()
+    : stack_(CurrentThreadStack()), tcb_(CurrentThreadControlBlock(/*with_tls=*/true)) {
+  registered_ = InternalMemory::Add(stack_.first, stack_.second);
+  tcb_registered_ = InternalMemory::Add(tcb_.first, tcb_.second);
 }
 
 InternalThreadScope::~InternalThreadScope() {
-  InternalMemory::Remove(stack_.first, stack_.second);
+  if (tcb_registered_) InternalMemory::Remove(tcb_.first, tcb_.second);
+  if (registered_) InternalMemory::Remove(stack_.first, stack_.second);
 }
 
 }  // namespace hmmkit

@@ -52,7 +52,7 @@ struct DeviceStats {
   uint64_t device_faults = 0;    // faults raised by compute units (before deduplication)
   uint64_t fault_batches = 0;    // batches the driver serviced
   uint64_t bytes_to_device = 0;  // migrated system -> device
-  uint64_t bytes_to_system = 0;  // migrated device -> system (prefetch/evict)
+  uint64_t bytes_to_system = 0;  // device -> system: prefetch, eviction, CPU fault-back
   uint64_t cpu_faults = 0;       // CPU faults the process's monitor served since Open
   uint64_t remote_maps = 0;      // faults served by mapping system memory
   uint64_t thrashing_events = 0;

@@ -143,11 +143,12 @@ class DeviceMemory final : public DevicePagemap {
     uint64_t frees = 0;          // pages returned after their last reference dropped
     uint64_t folio_allocations = 0;
     uint64_t folio_splits = 0;
-    uint64_t evictions = 0;       // chunks handed to the evict hook
-    uint64_t evicted_pages = 0;   // page ids handed to the evict hook
-    uint64_t evict_failures = 0;  // evict hook calls that returned an error
-    uint64_t alloc_failures = 0;  // AllocPages/AllocChunk calls that returned ENOMEM
-    uint64_t poisoned_pages = 0;  // pages marked poisoned (retired when free)
+    uint64_t evictions = 0;            // chunks handed to the evict hook
+    uint64_t evicted_pages = 0;        // page ids handed to the evict hook
+    uint64_t evict_failures = 0;       // evict hook calls that returned an error
+    uint64_t alloc_failures = 0;       // AllocPages/AllocChunk calls that returned ENOMEM
+    uint64_t poisoned_pages = 0;       // pages marked poisoned (retired when free)
+    uint64_t pages_copied_to_ram = 0;  // by CopyToRam: CPU fault-back, eviction, teardown
   };
 
   // Creates the arena and the page map. Errors: EINVAL (capacity 0 or not a multiple of
@@ -172,6 +173,8 @@ class DeviceMemory final : public DevicePagemap {
   void PutPage(uint64_t id) override;
   // base() + id * 4096. Never blocks.
   void* PageData(uint64_t id) override;
+  // The default copy (memcpy from the arena), counted in Stats::pages_copied_to_ram.
+  Status CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst) override;
   // The arena memfd; ArenaOffset(id) = id * 4096. Map with MAP_SHARED.
   int ArenaFd() const override { return fd_; }
   uint64_t ArenaOffset(uint64_t id) const override { return id * kDevicePageSize; }
@@ -307,6 +310,8 @@ class DeviceMemory final : public DevicePagemap {
   void AddInUseLocked(uint64_t chunk, uint32_t n) REQUIRES(mu_);
   void SubInUseLocked(uint64_t chunk, uint32_t n) REQUIRES(mu_);
   void Stamp(uint64_t chunk);
+  // The page-map arrays (registered as hmmkit's internal memory).
+  std::vector<std::pair<uintptr_t, size_t>> MetadataSpans() const;
   std::string DescribeLocked() const REQUIRES(mu_);
 
   // Set at creation, constant.

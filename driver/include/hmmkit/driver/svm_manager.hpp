@@ -14,9 +14,9 @@
 //            promotes a remotely mapped range. The default (DefaultSvmPolicy) follows advice,
 //            thrashing detection and Options::migrate_on_fault. Memory that cannot migrate is
 //            mapped remotely whatever the policy says: MAP_SHARED, file-backed and hugetlb
-//            memory, and the brk heap, the main stack and the anonymous .bss tail of a program,
-//            where hmmkit's own threads allocate, run and keep statics (a migration touching its
-//            own pages would wait on itself).
+//            memory, and the brk heap, glibc's thread-arena heaps, the main stack and the
+//            anonymous .bss tail of a program, where hmmkit's own threads allocate, run and keep
+//            statics (a migration touching its own pages would wait on itself).
 //   prefetch explicit (PrefetchToDevice), and a threshold prefetcher: when a fault migrates a
 //            range and at least Options::prefetch_threshold of the aligned
 //            Options::prefetch_region around it is then on the device, the rest of the region
@@ -259,6 +259,8 @@ class SvmManager final : public IntervalNotifierOps {
   // The VMA at addr joined with its compatible neighbours near addr (see the definition).
   Result<Vma> VmaFor(uintptr_t addr) const;
   bool Migratable(const Vma& vma) const;
+  // Whether addr lies in a glibc thread-arena heap (treated like the brk heap).
+  bool InMallocArenaHeap(uintptr_t addr) const;
 
   std::shared_ptr<AddressSpace> as_;
   DeviceMemory& memory_;
