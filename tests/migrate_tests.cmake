@@ -6,3 +6,4 @@ target_link_libraries(eviction_test PRIVATE hmmkit::dmirror GTest::gtest GTest::
 hmmkit_warnings(eviction_test)
 gtest_discover_tests(eviction_test DISCOVERY_TIMEOUT 60
   PROPERTIES TIMEOUT 300 ENVIRONMENT "HMMKIT_DMIRROR_DEVICE_MB=4")
+hmmkit_test(internal_memory_test SOURCES unit/internal_memory_test.cpp)
