@@ -222,7 +222,38 @@ SvmFault SvmManager::DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, 
   return f;
 }
 
+namespace {
+
+// Under a sanitizer, malloc is the sanitizer's allocator, whose heap is a fixed region of the
+// address space (x86-64): every small allocation, hmmkit's included, lives there.
+bool InSanitizerHeap(uintptr_t addr) {
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr uintptr_t kBeg = 0x600000000000ULL, kEnd = kBeg + 0x40000000000ULL;
+  return addr >= kBeg && addr < kEnd;
+#elif defined(__SANITIZE_THREAD__)
+  constexpr uintptr_t kBeg = 0x7b0000000000ULL, kEnd = 0x7c0000000000ULL;
+  return addr >= kBeg && addr < kEnd;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+  constexpr uintptr_t kBeg = 0x600000000000ULL, kEnd = kBeg + 0x40000000000ULL;
+  return addr >= kBeg && addr < kEnd;
+#elif __has_feature(thread_sanitizer)
+  constexpr uintptr_t kBeg = 0x7b0000000000ULL, kEnd = 0x7c0000000000ULL;
+  return addr >= kBeg && addr < kEnd;
+#else
+  (void)addr;
+  return false;
+#endif
+#else
+  (void)addr;
+  return false;
+#endif
+}
+
+}  // namespace
+
 bool SvmManager::InMallocArenaHeap(uintptr_t addr) const {
+  if (InSanitizerHeap(addr)) return true;
   // glibc gives each thread arena heaps of 64 MiB (2 * the largest mmap threshold), aligned to
   // their size: a read-write part from the aligned start, the rest reserved PROT_NONE up to the
   // next boundary. Every thread's small allocations live there, hmmkit's included (the emulated

@@ -159,4 +159,12 @@ bool ThpAvailable() {
   return t == ThpMode::kAlways || t == ThpMode::kMadvise;
 }
 
+void* UnmappedAddress() {
+  const size_t len = size_t(64) << 20;
+  void* raw = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  munmap(raw, len);
+  return raw;
+}
+
 }  // namespace hmmkit::test

@@ -115,9 +115,8 @@ TEST_F(SvmApiTest, LaunchErrorsNameTheAddressAndReason) {
   EXPECT_EQ(st.errno_value(), EPERM) << st.ToString();
   EXPECT_NE(st.ToString().find("read-only"), std::string::npos) << st.ToString();
 
-  Mapping gone(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  auto* gp = reinterpret_cast<uint32_t*>(gone.data());
-  gone.Unmap();
+  auto* gp = static_cast<uint32_t*>(UnmappedAddress());
+  ASSERT_NE(gp, nullptr);
   st = dev_->Launch(1, [&](KernelContext& k, size_t) { (void)k.Load(gp); });
   EXPECT_EQ(st.errno_value(), EFAULT) << st.ToString();
 
@@ -263,9 +262,8 @@ TEST_F(SvmApiTest, AdviseAndResidencyErrors) {
   EXPECT_EQ(dev_->Advise(m.data(), 0, svm::Advice::kSetReadMostly).errno_value(), EINVAL);
   EXPECT_EQ(dev_->Advise(m.data(), 8, svm::Advice(42)).errno_value(), EINVAL);
   EXPECT_EQ(dev_->QueryResidency(m.data(), 0).errno_value(), EINVAL);
-  Mapping gone(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
-  void* g = gone.data();
-  gone.Unmap();
+  void* g = UnmappedAddress();
+  ASSERT_NE(g, nullptr);
   EXPECT_EQ(dev_->Advise(g, 8, svm::Advice::kSetReadMostly).errno_value(), EFAULT);
   auto r = dev_->QueryResidency(g, 8);
   EXPECT_EQ(r.errno_value(), EFAULT);

@@ -123,7 +123,12 @@ int main(void) {
   CHECK(hmmkit_svm_advise(dev, x, n * sizeof(double), 99, HMMKIT_SVM_DEVICE) == -EINVAL);
   CHECK(hmmkit_svm_advise(dev, x, 0, HMMKIT_SVM_SET_READ_MOSTLY, HMMKIT_SVM_DEVICE) == -EINVAL);
   munmap(ro, 4096);
-  CHECK(hmmkit_svm_advise(dev, ro, 8, HMMKIT_SVM_SET_READ_MOSTLY, HMMKIT_SVM_DEVICE) == -EFAULT);
+  /* An address that stays unmapped: the bottom of a 64 MiB hole (a lone unmapped page is soon
+   * reused; the kernel fills a large hole from its top). */
+  void* hole = mmap(NULL, 64u << 20, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  CHECK(hole != MAP_FAILED);
+  munmap(hole, 64u << 20);
+  CHECK(hmmkit_svm_advise(dev, hole, 8, HMMKIT_SVM_SET_READ_MOSTLY, HMMKIT_SVM_DEVICE) == -EFAULT);
   CHECK(strstr(hmmkit_svm_last_error(), "not mapped") != NULL);
 
   /* Streams and fences. */
@@ -143,7 +148,7 @@ int main(void) {
   CHECK(wrong == 0);
   hmmkit_svm_fence_release(f1);
   hmmkit_svm_fence_release(f2);
-  CHECK(hmmkit_svm_stream_launch(st, 1, store_kernel, ro, NULL) == 0); /* unmapped now */
+  CHECK(hmmkit_svm_stream_launch(st, 1, store_kernel, hole, NULL) == 0); /* unmapped */
   CHECK(hmmkit_svm_stream_synchronize(st) == -EFAULT);
   CHECK(hmmkit_svm_stream_synchronize(st) == 0);
   CHECK(hmmkit_svm_fence_wait(NULL, -1) == -EINVAL);

@@ -292,9 +292,8 @@ TEST_F(SvmManagerTest, ErrorsNameTheAddress) {
   Status st = svm_->HandleFault(ro.addr(), /*write=*/true);
   EXPECT_EQ(st.errno_value(), EPERM);
   EXPECT_NE(st.ToString().find("read-only"), std::string::npos) << st.ToString();
-  Mapping gone(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
-  const uintptr_t addr = gone.addr();
-  gone.Unmap();
+  const auto addr = reinterpret_cast<uintptr_t>(UnmappedAddress());
+  ASSERT_NE(addr, 0u);
   st = svm_->HandleFault(addr, false);
   EXPECT_EQ(st.errno_value(), EFAULT);
   EXPECT_NE(st.ToString().find("not mapped"), std::string::npos) << st.ToString();
@@ -461,9 +460,8 @@ TEST_F(SvmManagerTest, AdviceErrors) {
   Mapping m(4 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
   EXPECT_EQ(svm_->Advise(m.addr(), m.addr(), {.read_mostly = true}).errno_value(), EINVAL);
   EXPECT_EQ(svm_->Advise(m.addr() + 1, m.end(), {.read_mostly = true}).errno_value(), EINVAL);
-  Mapping gone(PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
-  const uintptr_t g = gone.addr();
-  gone.Unmap();
+  const auto g = reinterpret_cast<uintptr_t>(UnmappedAddress());
+  ASSERT_NE(g, 0u);
   Status st = svm_->Advise(g, g + PageSize(), {.read_mostly = true});
   EXPECT_EQ(st.errno_value(), EFAULT);
   EXPECT_NE(st.ToString().find("not mapped"), std::string::npos) << st.ToString();

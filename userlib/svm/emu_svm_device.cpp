@@ -48,6 +48,18 @@ namespace {
 
 constexpr uint64_t kPage = emu::kPageSize;
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kUnderSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+constexpr bool kUnderSanitizer = true;
+#else
+constexpr bool kUnderSanitizer = false;
+#endif
+#else
+constexpr bool kUnderSanitizer = false;
+#endif
+
 // One AddressSpace per process, shared by its devices (two userfaultfds cannot both register a
 // range).
 Result<std::shared_ptr<AddressSpace>> ProcessAddressSpace() {
@@ -337,6 +349,15 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     driver::SvmManager::Options so;
     so.migrate_on_fault = o.migrate_on_fault;
     so.prefetch_threshold = o.prefetch_threshold;
+    if (kUnderSanitizer) {
+      // The sanitizer runtimes keep their state in anonymous mappings that the kernel merges with
+      // the application's: a 2 MiB range or prefetch region around a buffer would migrate the
+      // runtime's own memory, which every instrumented access then faults on. Page-sized ranges
+      // take only pages the application touched or named.
+      so.chunk_sizes = {kPage};
+      so.prefetch_threshold = 0;
+      Log().info("{}: sanitizer build: page-sized SVM ranges, threshold prefetcher off", name_);
+    }
     counter_threshold_ = o.access_counter_threshold;
     auto svm = driver::SvmManager::Create(as_, *memory_, *dma_, *this, so);
     if (!svm.ok()) return svm.status();

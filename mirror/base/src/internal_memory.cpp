@@ -16,6 +16,7 @@ namespace hmmkit {
 
 namespace {
 
+constexpr uintptr_t kPage = 4096;
 constexpr size_t kSlots = 1024;  // thread stacks and slabs of one process
 
 struct Registry {
@@ -149,7 +150,6 @@ uintptr_t StaticTlsBytes() {
 std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls) {
   // glibc on x86-64: the thread pointer is the struct pthread (about 2.3 KiB); static TLS lies
   // right below it. Only those pages: neighbouring memory belongs to others.
-  constexpr uintptr_t kPage = 4096;
   const uintptr_t kBelow = with_tls ? StaticTlsBytes() : 1, kAbove = kTcbBytes;
   const auto self = reinterpret_cast<uintptr_t>(pthread_self());
   const uintptr_t start = self > kBelow ? (self - kBelow) & ~(kPage - 1) : 0;
@@ -159,12 +159,27 @@ std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls) {
 void RegisterLoaderMemory() {
   static std::once_flag once;
   std::call_once(once, [] {
-    constexpr uintptr_t kPage = 4096;
     for (const link_map* l = _r_debug.r_map; l; l = l->l_next) {
       const auto p = reinterpret_cast<uintptr_t>(l);
       // The struct link_map is about 1.2 KiB: its page(s), not the neighbours.
       InternalMemory::Add(p & ~(kPage - 1), (p + 1280 + kPage - 1) & ~(kPage - 1));
     }
+    // Every loaded object's .bss (the zero-filled end of a writable PT_LOAD): the statics of
+    // hmmkit, libc, libstdc++ and the sanitizer runtimes live there, often in the same page as an
+    // application's globals.
+    dl_iterate_phdr(
+        [](dl_phdr_info* info, size_t, void*) {
+          for (int i = 0; i < info->dlpi_phnum; ++i) {
+            const auto& ph = info->dlpi_phdr[i];
+            if (ph.p_type != PT_LOAD || ph.p_memsz <= ph.p_filesz) continue;
+            const uintptr_t s = (info->dlpi_addr + ph.p_vaddr + ph.p_filesz) & ~(kPage - 1);
+            const uintptr_t e =
+                (info->dlpi_addr + ph.p_vaddr + ph.p_memsz + kPage - 1) & ~(kPage - 1);
+            InternalMemory::Add(s, e);
+          }
+          return 0;
+        },
+        nullptr);
   });
 }
 

@@ -259,7 +259,8 @@ class SvmManager final : public IntervalNotifierOps {
   // The VMA at addr joined with its compatible neighbours near addr (see the definition).
   Result<Vma> VmaFor(uintptr_t addr) const;
   bool Migratable(const Vma& vma) const;
-  // Whether addr lies in a glibc thread-arena heap (treated like the brk heap).
+  // Whether addr lies in a glibc thread-arena heap, or a sanitizer's heap (treated like the brk
+  // heap).
   bool InMallocArenaHeap(uintptr_t addr) const;
 
   std::shared_ptr<AddressSpace> as_;
