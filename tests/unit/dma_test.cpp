@@ -212,12 +212,11 @@ TEST(CpuDma, BadSystemAddressesFailOnlyTheirDescriptors) {
   ASSERT_TRUE(engine);
   const size_t page = PageSize(), len = 4 * page;
 
-  // Given good memory, a hole (a page unmapped in the middle of a reservation) and a PROT_NONE
-  // page, and a source whose second page is PROT_NONE,
+  // Given good memory, a hole (an address that stays unmapped: a lone unmapped page was refilled
+  // under TSan) and a PROT_NONE page, and a source whose second page is PROT_NONE,
   Mapping good_src = SystemMemory(len), dev = DeviceMemory(8 * len), sys_dst = SystemMemory(len);
-  Mapping hole = Mapping(3 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS);
-  ASSERT_EQ(munmap(hole.page(1), page), 0);
-  char* unmapped = hole.page(1);
+  char* unmapped = static_cast<char*>(test::UnmappedAddress());
+  ASSERT_NE(unmapped, nullptr);
   Mapping none = Mapping(page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS);
   Mapping read_only = Mapping(page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
   Mapping half = SystemMemory(2 * page);

@@ -80,6 +80,9 @@ TEST(InternalMemoryTest, MigrationLeavesRegisteredPagesInSystemMemory) {
   InternalMemory::Remove(m.addr() + 2 * pg, m.addr() + 4 * pg);
   for (size_t i = 0; i < n; ++i) EXPECT_EQ(m.data()[i * pg], char(i + 1)) << i;
   ASSERT_TRUE(MigrateAllToRam(*as, pm).ok());
+  // The fault thread released pagemap references for those touches: wait for it before the
+  // pagemap goes away (the kernel's wake-up is invisible to TSan).
+  as->monitor()->Sync();
 }
 
 }  // namespace
