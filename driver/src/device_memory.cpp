@@ -3,6 +3,7 @@
 // device_memory_refs.cpp. The header has the contract and the locking rules.
 #include "hmmkit/driver/device_memory.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -36,9 +37,10 @@ uint64_t FreeHugePages() {
   return n;
 }
 
-// The arena: a memfd of `size` bytes mapped MAP_SHARED read/write.
+// The arena: a memfd (or the driver's fd) of `size` bytes mapped MAP_SHARED read/write.
 struct Arena {
   int fd = -1;
+  uint64_t offset = 0;
   void* base = nullptr;
   bool hugetlb = false;
 };
@@ -63,8 +65,59 @@ Status MapMemfd(const std::string& name, unsigned flags, size_t size, Arena* out
   return Status::Ok();
 }
 
+// Does a one-page mapping of `fd` at offset + 4096 show the arena's second page? Drivers that
+// ignore the offset of a partial mapping show the first one instead.
+bool PagesMapAtTheirOffset(int fd, uint64_t offset, void* base, size_t capacity) {
+  if (capacity < 2 * kDevicePageSize) return true;
+  auto* page1 = static_cast<volatile uint64_t*>(
+      static_cast<void*>(static_cast<char*>(base) + kDevicePageSize));
+  auto* page0 = static_cast<volatile uint64_t*>(base);
+  const uint64_t saved0 = *page0, saved1 = *page1;
+  *page0 = 0x1111111111111111ull;
+  *page1 = 0x2222222222222222ull;
+  void* p =
+      mmap(nullptr, kDevicePageSize, PROT_READ, MAP_SHARED, fd, off_t(offset + kDevicePageSize));
+  bool ok = false;
+  if (p != MAP_FAILED) {
+    ok = *static_cast<volatile uint64_t*>(p) == 0x2222222222222222ull;
+    munmap(p, kDevicePageSize);
+  }
+  *page0 = saved0;
+  *page1 = saved1;
+  return ok;
+}
+
+Status MapExternal(const DeviceMemory::Options& o, Arena* out) {
+  const DeviceMemory::Options::External& e = *o.external;
+  const int fd = fcntl(e.fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0)
+    return Status::FromErrno(errno, "dup of the external arena fd " + std::to_string(e.fd));
+  void* base = mmap(nullptr, o.capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(e.offset));
+  if (base == MAP_FAILED) {
+    const int err = errno;
+    close(fd);
+    return Status::FromErrno(err, "mmap of the external device arena " + e.what + " (" +
+                                      std::to_string(o.capacity) + " bytes)");
+  }
+  if (o.kind == PageKind::kDeviceCoherent &&
+      !PagesMapAtTheirOffset(fd, e.offset, base, o.capacity)) {
+    munmap(base, o.capacity);
+    close(fd);
+    return Status::FromErrno(ENOTSUP, "device-coherent memory in " + e.what +
+                                          ": a one-page mapping at an offset does not show that "
+                                          "page (the driver ignores the offset); use "
+                                          "device-private memory");
+  }
+  out->fd = fd;
+  out->offset = e.offset;
+  out->base = base;
+  Log().info("device memory '{}': {} MiB arena in {}", o.name, o.capacity / kMiB, e.what);
+  return Status::Ok();
+}
+
 // hugetlb when asked, allowed and available, else a plain memfd (with MADV_HUGEPAGE when asked).
 Status CreateArena(const DeviceMemory::Options& o, Arena* out) {
+  if (o.external) return MapExternal(o, out);
   std::string name = "hmmkit-devmem";
   if (!o.name.empty()) name += ":" + o.name.substr(0, 200);
   const std::string& label = o.name.empty() ? name : o.name;
@@ -140,12 +193,15 @@ Result<std::shared_ptr<DeviceMemory>> DeviceMemory::Create(const Options& option
   if (!o.evict) o.evict = NoEvict;
   Arena arena;
   HMMKIT_RETURN_IF_ERROR(CreateArena(o, &arena));
-  return std::shared_ptr<DeviceMemory>(new DeviceMemory(o, arena.fd, arena.base, arena.hugetlb));
+  return std::shared_ptr<DeviceMemory>(
+      new DeviceMemory(o, arena.fd, arena.offset, arena.base, arena.hugetlb));
 }
 
-DeviceMemory::DeviceMemory(const Options& options, int fd, void* base, bool hugetlb)
+DeviceMemory::DeviceMemory(const Options& options, int fd, uint64_t arena_offset, void* base,
+                           bool hugetlb)
     : options_(options),
       fd_(fd),
+      arena_offset_(arena_offset),
       base_(base),
       hugetlb_(hugetlb),
       page_count_(options.capacity / kDevicePageSize),

@@ -4,8 +4,10 @@
 //
 // Parts
 //   - The arena: the device's memory, emulated as a memfd of `capacity` bytes mapped MAP_SHARED
-//     at base(). Page id i is the 4 KiB at base() + i * 4096 (ArenaFd() at ArenaOffset(i)), so a
-//     coherent page can be mapped anywhere else (the application's address) as the same bytes.
+//     at base(), or memory the driver provides (Options::external: a GEM object exported as a
+//     dma-buf, for the DRM backend). Page id i is the 4 KiB at base() + i * 4096 (ArenaFd() at
+//     ArenaOffset(i)), so a coherent page can be mapped anywhere else (the application's address)
+//     as the same bytes.
 //   - Chunks: the arena is carved into chunks of chunk_size bytes (2 MiB = 512 pages by default).
 //     A chunk is the unit of eviction and of compound allocation.
 //   - Pages: each has a reference count (kernel: the ZONE_DEVICE struct page refcount), the owner
@@ -69,6 +71,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -117,6 +120,19 @@ class DeviceMemory final : public DevicePagemap {
     // reserved that pool, and other users of it would find it empty.
     bool hugetlb = false;
     std::string name;  // for logs and the memfd name
+    // Memory the driver already has, used as the arena instead of a memfd: `fd` (duplicated;
+    // the caller keeps its own) is mapped MAP_SHARED at `offset` for `capacity` bytes. `keep` is
+    // released after the arena is unmapped (e.g. the GEM object behind the dma-buf). huge_pages
+    // and hugetlb do not apply. Device-coherent memory also needs each page mappable on its own
+    // at offset + id * 4096; Create checks that the fd really maps the page at that offset (some
+    // drivers ignore the offset of a partial mapping) and fails with ENOTSUP otherwise.
+    struct External {
+      int fd = -1;
+      uint64_t offset = 0;
+      std::string what;  // for the log: "vgem GEM object 3 (dma-buf)"
+      std::shared_ptr<void> keep;
+    };
+    std::optional<External> external;
     FreeFn on_free;
     EvictFn evict;
     // Eviction rounds one allocation may run before it gives up with ENOMEM (at least 1).
@@ -175,9 +191,10 @@ class DeviceMemory final : public DevicePagemap {
   void* PageData(uint64_t id) override;
   // The default copy (memcpy from the arena), counted in Stats::pages_copied_to_ram.
   Status CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst) override;
-  // The arena memfd; ArenaOffset(id) = id * 4096. Map with MAP_SHARED.
+  // The arena fd (the memfd, or a duplicate of Options::external's fd); ArenaOffset(id) is
+  // id * 4096 past the arena's start in it. Map with MAP_SHARED.
   int ArenaFd() const override { return fd_; }
-  uint64_t ArenaOffset(uint64_t id) const override { return id * kDevicePageSize; }
+  uint64_t ArenaOffset(uint64_t id) const override { return arena_offset_ + id * kDevicePageSize; }
 
   // ---- geometry (constant) ----
   void* base() const { return base_; }
@@ -190,6 +207,8 @@ class DeviceMemory final : public DevicePagemap {
   const std::string& name() const { return options_.name; }
   // True when the arena is hugetlbfs memory (MFD_HUGETLB), false for a plain memfd.
   bool hugetlb() const { return hugetlb_; }
+  // True when the arena is Options::external memory.
+  bool external() const { return options_.external.has_value(); }
 
   // ---- allocation ----
   // n pages (not necessarily contiguous), each with refcount 1, owned by the caller, which frees
@@ -283,7 +302,7 @@ class DeviceMemory final : public DevicePagemap {
   static constexpr uint32_t kFolioHead = 1u << 30;  // the count of a whole folio
   static constexpr uint32_t kCountMask = kFolioHead - 1;
 
-  DeviceMemory(const Options& options, int fd, void* base, bool hugetlb);
+  DeviceMemory(const Options& options, int fd, uint64_t arena_offset, void* base, bool hugetlb);
 
   // The hooks; a hook that throws terminates the process (the allocator state would be stuck).
   Status CallEvict(std::span<const uint64_t> ids) noexcept;
@@ -317,6 +336,7 @@ class DeviceMemory final : public DevicePagemap {
   // Set at creation, constant.
   const Options options_;
   const int fd_;
+  const uint64_t arena_offset_;
   void* const base_;
   const bool hugetlb_;
   const uint64_t page_count_;
