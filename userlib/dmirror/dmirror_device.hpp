@@ -21,6 +21,7 @@
 #include "hmmkit/dma/dma_engine.hpp"
 #include "hmmkit/dmirror.h"
 #include "hmmkit/driver/device_memory.hpp"
+#include "hmmkit/drm/drm_device.hpp"
 #include "hmmkit/emu/mmu.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "hmmkit/mirror/notifier.hpp"
@@ -49,6 +50,9 @@ class Context {
  private:
   Status Init();
   std::shared_ptr<AddressSpace> as_;
+  // HMMKIT_DMIRROR_MEMORY=drm: the DRM device whose GEM objects hold device memory. Declared
+  // before devices_ so that it outlives their memory.
+  std::shared_ptr<drm::DrmDevice> drm_;
   EmuDevice devices_[kDeviceCount];
   std::unique_ptr<dma::DmaEngine> dma_;
 };

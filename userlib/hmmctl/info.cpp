@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "hmmctl.hpp"
+#include "hmmkit/drm/discovery.hpp"
 #include "hmmkit/mirror/kernel_features.hpp"
 #include "hmmkit/mirror/uapi.hpp"
 
@@ -209,6 +210,51 @@ std::string JsonStringArray(const std::vector<std::string>& v) {
   return out + "]";
 }
 
+// The devices hmmkit can drive: the emulated ones always, and every DRM device found.
+void PrintDevicesText() {
+  std::printf("\ndevices\n");
+  std::printf("  %-10s %-28s %s\n", "emu", "software accelerator",
+              "always available (hmmkit::svm, HMMKIT_DEVICE)");
+  std::printf("  %-10s %-28s %s\n", "dmirror", "4 test_hmm devices",
+              "always available (hmmkit/dmirror.h, HMMKIT_DMIRROR_MEMORY=memfd|drm)");
+  const auto drm_devices = drm::ListDrmDevices();
+  if (drm_devices.empty()) std::printf("  %-10s %s\n", "drm", "no DRM devices (/dev/dri is empty)");
+  for (const auto& d : drm_devices) {
+    const std::string driver = d.driver.name.empty()
+                                   ? "?"
+                                   : d.driver.name + " " + std::to_string(d.driver.major) + "." +
+                                         std::to_string(d.driver.minor) + "." +
+                                         std::to_string(d.driver.patch);
+    std::printf("  %-10s %-28s card=%s render=%s bus=%s%s%s\n", "drm", driver.c_str(),
+                d.card.empty() ? "-" : d.card.c_str(), d.render.empty() ? "-" : d.render.c_str(),
+                d.bus.c_str(), d.error.empty() ? "" : " error: ", d.error.c_str());
+  }
+}
+
+std::string DevicesJson() {
+  std::string out = "[";
+  const auto drm_devices = drm::ListDrmDevices();
+  JsonObject emu(4), dmirror(4);
+  emu.Str("kind", "emu").Str("driver", "software accelerator");
+  dmirror.Str("kind", "dmirror").Str("driver", "test_hmm devices");
+  out += "\n    " + emu.Done() + ",\n    " + dmirror.Done();
+  for (const auto& d : drm_devices) {
+    JsonObject o(4);
+    o.Str("kind", "drm")
+        .Str("driver", d.driver.name)
+        .Int("major", d.driver.major)
+        .Int("minor", d.driver.minor)
+        .Int("patch", d.driver.patch)
+        .Str("card", d.card)
+        .Str("render", d.render)
+        .Str("bus", d.bus)
+        .Bool("from_libdrm", d.from_libdrm)
+        .Str("error", d.error);
+    out += ",\n    " + o.Done();
+  }
+  return out + "\n  ]";
+}
+
 void PrintJson(const KernelFeatures& f) {
   JsonObject bits(2);
   for (const auto& [name, bit] : UffdFeatureNames()) bits.Bool(name, f.has_uffd_feature(bit));
@@ -251,7 +297,8 @@ void PrintJson(const KernelFeatures& f) {
       .Int("hugetlb_free", f.hugetlb_free)
       .Raw("mechanisms", mechanisms)
       .Raw("disabled", JsonStringArray({f.disabled.begin(), f.disabled.end()}))
-      .Raw("disabled_unknown", JsonStringArray(f.disabled_unknown));
+      .Raw("disabled_unknown", JsonStringArray(f.disabled_unknown))
+      .Raw("devices", DevicesJson());
   std::printf("%s\n", root.Done().c_str());
 }
 
@@ -280,8 +327,10 @@ int InfoMain(std::span<char* const> args) {
   const KernelFeatures& f = KernelFeatures::Get();
   if (json)
     PrintJson(f);
-  else
+  else {
     PrintText(f);
+    PrintDevicesText();
+  }
   if (std::fflush(stdout) != 0 || std::ferror(stdout)) {
     std::perror("hmmctl info: writing output");
     return kExitFailure;
