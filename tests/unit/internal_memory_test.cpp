@@ -4,6 +4,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -80,9 +81,12 @@ TEST(InternalMemoryTest, MigrationLeavesRegisteredPagesInSystemMemory) {
   InternalMemory::Remove(m.addr() + 2 * pg, m.addr() + 4 * pg);
   for (size_t i = 0; i < n; ++i) EXPECT_EQ(m.data()[i * pg], char(i + 1)) << i;
   ASSERT_TRUE(MigrateAllToRam(*as, pm).ok());
-  // The fault thread released pagemap references for those touches: wait for it before the
-  // pagemap goes away (the kernel's wake-up is invisible to TSan).
-  as->monitor()->Sync();
+  // The fault thread drops its pagemap references after the kernel woke the touching thread:
+  // wait until every page is back (in_use() takes the pagemap's lock, which orders us after the
+  // fault thread's last PutPage) before the pagemap goes away.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (pm.in_use() != 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+  EXPECT_EQ(pm.in_use(), 0u);
 }
 
 }  // namespace

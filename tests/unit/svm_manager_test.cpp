@@ -273,7 +273,9 @@ TEST_F(SvmManagerTest, PingPongPinsTheRangeToSystemMemory) {
   o.thrash_window = std::chrono::hours(1);
   o.thrash_pin = std::chrono::hours(1);
   MakeDevice(4 * kMiB, false, o);
-  Mapping m(4 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  // A whole aligned 2 MiB of our own: a small mapping merges with its neighbours (under TSan, the
+  // runtime's own memory), and the range would then migrate memory the fault path itself uses.
+  Mapping m = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
   Fill(m.data(), m.size(), 6);
   // Given a range that went to the device and back to the CPU twice
   for (int i = 0; i < 2; ++i) {
