@@ -6,7 +6,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git
   g++ clang clang-format clang-tidy libclang-rt-dev
   libdrm-dev libboost-dev libspdlog-dev libfmt-dev
-  libgtest-dev libgmock-dev libvulkan-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libvulkan-dev libbenchmark-dev mesa-vulkan-drivers
 )
 
 missing=()
