@@ -278,6 +278,15 @@ TEST(SvmApiOptionsTest, BadOptionsAreEinval) {
   o = {};
   o.prefetch_threshold = 2;
   EXPECT_EQ(Device::Open(o).status().errno_value(), EINVAL);
+  // Device memory in a DRM object that cannot be had fails the open: no silent memfd instead.
+  o = {};
+  o.memory = "gpu-ram";
+  EXPECT_EQ(Device::Open(o).status().errno_value(), EINVAL);
+  o.memory = "drm:/dev/dri/card-does-not-exist";
+  auto missing = Device::Open(o);
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().errno_value(), ENOENT);
+  EXPECT_NE(missing.status().message().find("card-does-not-exist"), std::string::npos);
 }
 
 TEST(SvmApiCountersTest, HotRemoteMemoryIsPromotedByAccessCounters) {

@@ -35,6 +35,8 @@
 #include "hmmkit/dma/cpu_engine.hpp"
 #include "hmmkit/driver/device_memory.hpp"
 #include "hmmkit/driver/svm_manager.hpp"
+#include "hmmkit/drm/discovery.hpp"
+#include "hmmkit/drm/gem_arena.hpp"
 #include "hmmkit/emu/fault_queue.hpp"
 #include "hmmkit/emu/mmu.hpp"
 #include "hmmkit/mirror/migrate.hpp"
@@ -343,6 +345,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     mo.evict = [space](driver::DeviceMemory& mem, std::span<const uint64_t> ids) {
       return MigrateDevicePages(*space, mem, ids);
     };
+    HMMKIT_RETURN_IF_ERROR(ChooseMemory(o, mo));
     auto mem = driver::DeviceMemory::Create(mo);
     if (!mem.ok()) return mem.status();
     memory_ = std::move(*mem);
@@ -454,12 +457,39 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     }
   }
 
+  // DeviceOptions::memory (or $HMMKIT_DEVICE_MEMORY): a GEM object as the arena for "drm".
+  Status ChooseMemory(const DeviceOptions& o, driver::DeviceMemory::Options& mo) {
+    std::string choice = o.memory;
+    if (choice.empty()) {
+      const char* env = std::getenv("HMMKIT_DEVICE_MEMORY");
+      choice = env != nullptr ? env : "";
+    }
+    if (choice.empty() || choice == "memfd") return Status::Ok();
+    std::string node;
+    if (choice.rfind("drm:", 0) == 0 && choice.size() > 4) {
+      node = choice.substr(4);
+    } else if (choice != "drm") {
+      return Status::FromErrno(EINVAL, fmt::format("device memory \"{}\": expected memfd, drm or "
+                                                   "drm:/dev/dri/cardN",
+                                                   choice));
+    }
+    auto dev =
+        node.empty() ? drm::OpenDrmDevice("", /*want_card=*/true) : drm::DrmDevice::Open(node);
+    if (!dev.ok()) return dev.status();
+    drm_ = std::move(*dev);
+    auto arena = drm::GemArena(drm_, o.memory_bytes);
+    if (!arena.ok()) return arena.status();
+    mo.external = std::move(*arena);
+    return Status::Ok();
+  }
+
   static inline std::atomic<unsigned> next_index_{0};
   std::shared_ptr<AddressSpace> as_;
   emu::DeviceMmu mmu_;
   emu::FaultQueue faults_;
   std::string name_;
   std::unique_ptr<dma::CpuDmaEngine> dma_;
+  std::shared_ptr<drm::DrmDevice> drm_;  // "drm" memory: outlives memory_ (declared before it)
   std::shared_ptr<driver::DeviceMemory> memory_;
   std::unique_ptr<driver::SvmManager> svm_;
   uint64_t cpu_faults_base_ = 0;

@@ -37,6 +37,10 @@ struct DeviceOptions {
   // Backend: "emu" (the emulated device). Empty: $HMMKIT_DEVICE, else "emu".
   std::string backend;
   size_t memory_bytes = size_t(256) << 20;  // device memory; a multiple of 2 MiB
+  // Where device memory lives: "memfd" (an anonymous arena), "drm" (a GEM object on the first DRM
+  // device with dumb buffers, e.g. vgem) or "drm:/dev/dri/cardN". Empty: $HMMKIT_DEVICE_MEMORY,
+  // else "memfd". An unavailable "drm" fails Open (ENODEV, EACCES, ENOTSUP), never falls back.
+  std::string memory;
   unsigned compute_units = 4;
   bool migrate_on_fault = true;  // false: device faults map system memory remotely
   // Access counters: a remotely mapped 64 KiB region that the device accessed this many times is
