@@ -22,7 +22,14 @@ mkdir -p /root /dev/pts /dev/shm
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devpts devpts /dev/pts
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# A build tree under /tmp (a CI clone in /tmp/...) was staged there: a tmpfs on top would hide
+# it, and the initramfs root is memory already.
+if [ -z "$(ls -A /tmp)" ]; then
+    mount -t tmpfs -o mode=1777 tmpfs /tmp
+else
+    chmod 1777 /tmp
+    echo "GUEST-INIT /tmp holds staged files: kept on the initramfs root (no tmpfs over it)"
+fi
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # devtmpfs does not provide these; glibc/bash process substitution and some tests use them.
 ln -sf /proc/self/fd /dev/fd

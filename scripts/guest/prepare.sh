@@ -83,7 +83,7 @@ if [ ! -s "$deb" ]; then
 fi
 [ -s "$deb" ] || die "download did not produce $deb"
 
-root="$cache/root/${pkg}_${ver}"
+root="$cache/unpacked/${pkg}_${ver}"
 if [ ! -e "$root/.unpacked" ]; then
     rm -rf "$root"
     mkdir -p "$root"
@@ -121,7 +121,7 @@ fi
 
 # Older kernels left by earlier runs would only grow a CI cache: keep the current one.
 find "$cache/debs" -maxdepth 1 -name '*.deb' ! -name "${deb##*/}" -delete
-find "$cache/root" -mindepth 1 -maxdepth 1 ! -name "${root##*/}" -exec rm -rf {} +
+find "$cache/unpacked" -mindepth 1 -maxdepth 1 ! -name "${root##*/}" -exec rm -rf {} +
 
 # run.sh reads these; written last so an interrupted run never leaves a half-valid pointer.
 printf '%s\n' "$root" > "$cache/kernel-root.tmp"
