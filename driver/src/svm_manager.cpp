@@ -8,6 +8,7 @@
 #include <bit>
 
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/sanitizer.hpp"
 #include "hmmkit/driver/device_migration.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
@@ -227,27 +228,14 @@ namespace {
 // Under a sanitizer, malloc is the sanitizer's allocator, whose heap is a fixed region of the
 // address space (x86-64): every small allocation, hmmkit's included, lives there.
 bool InSanitizerHeap(uintptr_t addr) {
-#if defined(__SANITIZE_ADDRESS__)
-  constexpr uintptr_t kBeg = 0x600000000000ULL, kEnd = kBeg + 0x40000000000ULL;
-  return addr >= kBeg && addr < kEnd;
-#elif defined(__SANITIZE_THREAD__)
-  constexpr uintptr_t kBeg = 0x7b0000000000ULL, kEnd = 0x7c0000000000ULL;
-  return addr >= kBeg && addr < kEnd;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-  constexpr uintptr_t kBeg = 0x600000000000ULL, kEnd = kBeg + 0x40000000000ULL;
-  return addr >= kBeg && addr < kEnd;
-#elif __has_feature(thread_sanitizer)
-  constexpr uintptr_t kBeg = 0x7b0000000000ULL, kEnd = 0x7c0000000000ULL;
-  return addr >= kBeg && addr < kEnd;
-#else
-  (void)addr;
+  if constexpr (kAddressSanitizer) {
+    constexpr uintptr_t kBeg = 0x600000000000ULL, kEnd = kBeg + 0x40000000000ULL;
+    return addr >= kBeg && addr < kEnd;
+  } else if constexpr (kThreadSanitizer) {
+    constexpr uintptr_t kBeg = 0x7b0000000000ULL, kEnd = 0x7c0000000000ULL;
+    return addr >= kBeg && addr < kEnd;
+  }
   return false;
-#endif
-#else
-  (void)addr;
-  return false;
-#endif
 }
 
 }  // namespace

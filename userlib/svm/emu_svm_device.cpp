@@ -32,6 +32,7 @@
 #include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/base/mutex.hpp"
+#include "hmmkit/base/sanitizer.hpp"
 #include "hmmkit/dma/cpu_engine.hpp"
 #include "hmmkit/driver/device_memory.hpp"
 #include "hmmkit/driver/svm_manager.hpp"
@@ -49,18 +50,6 @@ namespace hmmkit::svm {
 namespace {
 
 constexpr uint64_t kPage = emu::kPageSize;
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-constexpr bool kUnderSanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool kUnderSanitizer = true;
-#else
-constexpr bool kUnderSanitizer = false;
-#endif
-#else
-constexpr bool kUnderSanitizer = false;
-#endif
 
 // One AddressSpace per process, shared by its devices (two userfaultfds cannot both register a
 // range).
