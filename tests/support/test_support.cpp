@@ -160,11 +160,15 @@ bool ThpAvailable() {
 }
 
 void* UnmappedAddress() {
-  const size_t len = size_t(64) << 20;
-  void* raw = mmap(nullptr, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  munmap(raw, len);
-  return raw;
+  // The last page below 2^47: user mappings end at TASK_SIZE, one page lower, so nothing can ever
+  // be mapped here (with 5-level paging only by an explicit hint above 47 bits, which nobody in a
+  // test gives). A freed hole is not safe: another thread's new malloc arena (64 MiB aligned)
+  // filled the bottom of a freed 64 MiB hole in CI.
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  void* p = reinterpret_cast<void*>((uintptr_t(1) << 47) - page);
+  // Not mapped: msync of an unmapped range fails with ENOMEM.
+  if (msync(p, page, MS_ASYNC) == 0 || errno != ENOMEM) return nullptr;
+  return p;
 }
 
 }  // namespace hmmkit::test

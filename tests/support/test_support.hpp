@@ -83,10 +83,9 @@ const char* ForkWithMonitorUnavailableReason();
 // ThreadSanitizer as ordered: the kernel orders the writers, out of its sight.
 void CopyWriteProtectedPage(void* dst, const void* src, size_t len);
 
-// An address without a mapping that stays so for the test: the bottom of a 64 MiB hole. (A page
-// unmapped on its own is soon reused; under ASan a launch's own allocations refilled one. The
-// kernel places new mappings at the top of the highest free gap, so the bottom of a large hole
-// stays empty.) nullptr if the reservation failed.
+// A page-aligned address that never has a mapping: the last page below 2^47, above TASK_SIZE on
+// x86-64. (A freed page or hole is soon reused by other threads' mappings: a lone page under ASan,
+// the bottom of a 64 MiB hole by a new malloc arena.) nullptr if something is mapped there.
 void* UnmappedAddress();
 
 // True when THP can be obtained with MADV_HUGEPAGE (mode always or madvise).
