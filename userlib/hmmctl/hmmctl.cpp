@@ -6,8 +6,31 @@
 
 #include "hmmctl.hpp"
 
+#if HMMKIT_HMMCTL_BENCH
+#include "bench_suite.hpp"
+#endif
+
 namespace hmmkit::hmmctl {
 namespace {
+
+#if HMMKIT_HMMCTL_BENCH
+int BenchMain(std::span<char* const> args) {
+  return bench::BenchMain(args);
+}
+void BenchUsage(FILE* out, const char* indent) {
+  bench::BenchUsage(out, indent);
+}
+#else
+int BenchMain(std::span<char* const>) {
+  std::fprintf(stderr,
+               "hmmctl bench: this hmmctl was built without the benchmark suite "
+               "(configure with HMMKIT_BUILD_TESTS=ON and HMMKIT_BUILD_BENCH=ON)\n");
+  return kExitFailure;
+}
+void BenchUsage(FILE* out, const char* indent) {
+  std::fprintf(out, "%s(not built into this hmmctl: HMMKIT_BUILD_BENCH=OFF)\n", indent);
+}
+#endif
 
 struct Command {
   const char* name;
@@ -19,6 +42,8 @@ struct Command {
 constexpr Command kCommands[] = {
     {"info", "what the running kernel offers and which mechanism hmmkit uses for each feature",
      InfoMain, InfoUsage},
+    {"bench", "the benchmark suite: every metric as a ratio to a baseline measured in the same run",
+     BenchMain, BenchUsage},
 };
 
 void Usage(FILE* out) {
