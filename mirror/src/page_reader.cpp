@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -28,6 +29,7 @@ constexpr uint64_t kKpfZeroPage = 1ULL << 24;  // /proc/kpageflags KPF_ZERO_PAGE
 struct PageScratch {
   std::unique_ptr<page_region[]> regions;
   std::vector<uint64_t> entries;
+  std::vector<PageState> states;  // per-page detour of SnapshotRunsInVma
 
   page_region* Regions() {
     if (!regions) regions.reset(new page_region[kScanRegions]);
@@ -36,6 +38,10 @@ struct PageScratch {
   uint64_t* Entries(size_t n) {
     if (entries.size() < n) entries.resize(n);
     return entries.data();
+  }
+  PageState* States(size_t n) {
+    if (states.size() < n) states.resize(n);
+    return states.data();
   }
 };
 PageScratch& Scratch() {
@@ -60,6 +66,49 @@ bool PrivateAnonPresent(PageState s) {
 
 std::string Range(uintptr_t start, uintptr_t end) {
   return fmt::format("{:#x}-{:#x}", start, end);
+}
+
+Status CheckInVma(const Vma& vma, uintptr_t start, uintptr_t end) {
+  if (start < vma.start || end > vma.end) {
+    return Status::FromErrno(EINVAL, fmt::format("snapshot {}: not inside the VMA {}",
+                                                 Range(start, end), Range(vma.start, vma.end)));
+  }
+  return Status::Ok();
+}
+
+// [vsyscall] lies above the user address range the scan accepts; special mappings are never
+// mirrored, their pages read as 0.
+bool IgnoredSpecialError(const Vma& vma, const Status& st) {
+  return !st.ok() && vma.kind == VmaKind::kSpecial &&
+         (st.errno_value() == EFAULT || st.errno_value() == EINVAL);
+}
+
+bool SameState(PageState a, PageState b) {
+  return a.flags == b.flags && a.order == b.order;
+}
+
+// Appends count pages of state s, extending the last run when it holds the same state.
+void AppendRun(std::vector<PageRun>& runs, size_t count, PageState s) {
+  constexpr size_t kMaxRun = std::numeric_limits<uint32_t>::max();
+  if (!runs.empty() && SameState(runs.back().state, s)) {
+    const size_t take = std::min(count, kMaxRun - runs.back().pages);
+    runs.back().pages += uint32_t(take);
+    count -= take;
+  }
+  while (count > 0) {
+    const size_t take = std::min(count, kMaxRun);
+    runs.push_back(PageRun{uint32_t(take), s});
+    count -= take;
+  }
+}
+
+void AppendStates(std::vector<PageRun>& runs, const PageState* states, size_t n) {
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && SameState(states[j], states[i])) ++j;
+    AppendRun(runs, j - i, states[i]);
+    i = j;
+  }
 }
 
 // The PFN of the huge zero page, learned once per process by read-faulting an aligned
@@ -102,7 +151,7 @@ uint64_t HugeZeroPfn(const KernelFeatures& f) {
 }  // namespace
 
 Status PageReader::CheckRange(const char* what, uintptr_t start, uintptr_t end,
-                              std::span<PageState> out) const {
+                              size_t out_size) const {
   const size_t page = base();
   if ((start | end) & (page - 1)) {
     return Status::FromErrno(EINVAL,
@@ -111,16 +160,16 @@ Status PageReader::CheckRange(const char* what, uintptr_t start, uintptr_t end,
   if (end <= start) {
     return Status::FromErrno(EINVAL, fmt::format("{} {}: empty range", what, Range(start, end)));
   }
-  if (out.size() < (end - start) / page) {
+  if (out_size < (end - start) / page) {
     return Status::FromErrno(
         EINVAL, fmt::format("{} {}: output holds {} pages, range has {}", what, Range(start, end),
-                            out.size(), (end - start) / page));
+                            out_size, (end - start) / page));
   }
   return Status::Ok();
 }
 
 Status PageReader::Snapshot(uintptr_t start, uintptr_t end, std::span<PageState> out) const {
-  HMMKIT_RETURN_IF_ERROR(CheckRange("snapshot", start, end, out));
+  HMMKIT_RETURN_IF_ERROR(CheckRange("snapshot", start, end, out.size()));
   const size_t page = base();
   std::fill_n(out.data(), (end - start) / page, PageState{});
   Status status;
@@ -135,30 +184,23 @@ Status PageReader::Snapshot(uintptr_t start, uintptr_t end, std::span<PageState>
 
 Status PageReader::SnapshotInVma(const Vma& vma, uintptr_t start, uintptr_t end,
                                  std::span<PageState> out) const {
-  HMMKIT_RETURN_IF_ERROR(CheckRange("snapshot", start, end, out));
-  if (start < vma.start || end > vma.end) {
-    return Status::FromErrno(EINVAL, fmt::format("snapshot {}: not inside the VMA {}",
-                                                 Range(start, end), Range(vma.start, vma.end)));
-  }
+  HMMKIT_RETURN_IF_ERROR(CheckRange("snapshot", start, end, out.size()));
+  HMMKIT_RETURN_IF_ERROR(CheckInVma(vma, start, end));
   std::fill_n(out.data(), (end - start) / base(), PageState{});
   return ScanVma(vma, start, end, out.data());
 }
 
-Status PageReader::ScanVma(const Vma& vma, uintptr_t start, uintptr_t end, PageState* out) const {
-  Status st = as_.features().pagemap_scan ? ScanWithPagemapScan(vma, start, end, out)
-                                          : ScanWithPagemapRead(vma, start, end, out);
-  if (!st.ok() && vma.kind == VmaKind::kSpecial &&
-      (st.errno_value() == EFAULT || st.errno_value() == EINVAL)) {
-    // [vsyscall] lies above the user address range the scan accepts; special mappings are never
-    // mirrored, their pages read as 0.
-    std::fill_n(out, (end - start) / base(), PageState{});
-    return Status::Ok();
-  }
-  return st;
+Status PageReader::SnapshotRunsInVma(const Vma& vma, uintptr_t start, uintptr_t end,
+                                     std::vector<PageRun>& runs) const {
+  runs.clear();
+  HMMKIT_RETURN_IF_ERROR(CheckRange("snapshot", start, end, std::numeric_limits<size_t>::max()));
+  HMMKIT_RETURN_IF_ERROR(CheckInVma(vma, start, end));
+  return ScanVmaRuns(vma, start, end, runs);
 }
 
-Status PageReader::ScanWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_t end,
-                                       PageState* out) const {
+template <class Fn>
+Status PageReader::ForEachScanRegion(const Vma& vma, uintptr_t start, uintptr_t end,
+                                     Fn&& fn) const {
   const size_t page = base();
   const uint8_t huge_order =
       vma.kind == VmaKind::kHugetlb ? Log2(vma.page_size / page) : PmdOrder(page);
@@ -204,7 +246,7 @@ Status PageReader::ScanWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_
       if (c & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) s.flags |= known_file_flag;
       uintptr_t rs = std::max<uintptr_t>(r.start, start);
       uintptr_t re = std::min<uintptr_t>(r.end, end);
-      if (rs < re) std::fill(out + (rs - start) / page, out + (re - start) / page, s);
+      if (rs < re) fn(rs, re, s);
     }
     if (arg.walk_end >= end) break;
     if (arg.walk_end <= arg.start) {
@@ -213,7 +255,64 @@ Status PageReader::ScanWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_
     }
     arg.start = arg.walk_end;  // the region buffer filled: go on where the walk stopped
   }
+  return Status::Ok();
+}
+
+Status PageReader::ScanVma(const Vma& vma, uintptr_t start, uintptr_t end, PageState* out) const {
+  Status st = as_.features().pagemap_scan ? ScanWithPagemapScan(vma, start, end, out)
+                                          : ScanWithPagemapRead(vma, start, end, out);
+  if (IgnoredSpecialError(vma, st)) {
+    std::fill_n(out, (end - start) / base(), PageState{});
+    return Status::Ok();
+  }
+  return st;
+}
+
+Status PageReader::ScanVmaRuns(const Vma& vma, uintptr_t start, uintptr_t end,
+                               std::vector<PageRun>& runs) const {
+  const size_t n = (end - start) / base();
+  Status st;
+  if (as_.features().pagemap_scan) {
+    st = ScanRunsWithPagemapScan(vma, start, end, runs);
+  } else {
+    // pread decides per page anyway (THP blocks, bit 56): read per page, then merge.
+    PageState* states = Scratch().States(n);
+    std::fill_n(states, n, PageState{});
+    st = ScanWithPagemapRead(vma, start, end, states);
+    if (st.ok()) AppendStates(runs, states, n);
+  }
+  if (IgnoredSpecialError(vma, st)) {
+    runs.clear();
+    AppendRun(runs, n, PageState{});
+    return Status::Ok();
+  }
+  return st;
+}
+
+Status PageReader::ScanWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_t end,
+                                       PageState* out) const {
+  const size_t page = base();
+  HMMKIT_RETURN_IF_ERROR(
+      ForEachScanRegion(vma, start, end, [&](uintptr_t rs, uintptr_t re, PageState s) {
+        std::fill(out + (rs - start) / page, out + (re - start) / page, s);
+      }));
   return MarkExclusive(start, end, out);
+}
+
+Status PageReader::ScanRunsWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_t end,
+                                           std::vector<PageRun>& runs) const {
+  const size_t page = base();
+  uintptr_t cur = start;  // pages no region reports read as 0, as in the per-page path
+  HMMKIT_RETURN_IF_ERROR(
+      ForEachScanRegion(vma, start, end, [&](uintptr_t rs, uintptr_t re, PageState s) {
+        rs = std::max(rs, cur);  // regions come in order and never overlap; stay safe if not
+        if (rs >= re) return;
+        if (rs > cur) AppendRun(runs, (rs - cur) / page, PageState{});
+        AppendRun(runs, (re - rs) / page, s);
+        cur = re;
+      }));
+  if (cur < end) AppendRun(runs, (end - cur) / page, PageState{});
+  return MarkExclusiveRuns(start, end, runs);
 }
 
 Status PageReader::MarkExclusive(uintptr_t start, uintptr_t end, PageState* out) const {
@@ -246,6 +345,28 @@ Status PageReader::MarkExclusive(uintptr_t start, uintptr_t end, PageState* out)
     }
     i += count;
   }
+  return Status::Ok();
+}
+
+Status PageReader::MarkExclusiveRuns(uintptr_t start, uintptr_t end,
+                                     std::vector<PageRun>& runs) const {
+  if (std::none_of(runs.begin(), runs.end(),
+                   [](const PageRun& r) { return PrivateAnonPresent(r.state); }))
+    return Status::Ok();
+  if (as_.options().exclusive == ExclusiveCheck::kAuto && AddressSpace::fork_generation() == 0) {
+    // Before any fork, a private anonymous page has one mapper: this process.
+    for (PageRun& r : runs)
+      if (PrivateAnonPresent(r.state)) r.state.flags |= PageState::kExclusive;
+    return Status::Ok();
+  }
+  // Bit 56 differs per page: expand, read it, merge again.
+  const size_t n = (end - start) / base();
+  PageState* states = Scratch().States(n);
+  PageState* p = states;
+  for (const PageRun& r : runs) p = std::fill_n(p, r.pages, r.state);
+  HMMKIT_RETURN_IF_ERROR(MarkExclusive(start, end, states));
+  runs.clear();
+  AppendStates(runs, states, n);
   return Status::Ok();
 }
 

@@ -27,12 +27,17 @@
 // as exclusive. Use ExclusiveCheck::kAlways in processes that enable KSM (MADV_MERGEABLE,
 // PR_SET_MEMORY_MERGE).
 //
+// SnapshotRunsInVma gives the same states as runs of equal pages: with PAGEMAP_SCAN and no bit-56
+// read it never expands them per page, which is what keeps RangeFault's snapshot near the cost of
+// the kernel walk. Other cases read per page as above and merge the result into runs.
+//
 // Ownership: a stack object borrowing its AddressSpace for one call. Buffers are per thread and
 // reused: a snapshot does not allocate once the calling thread has made one.
 #pragma once
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "hmmkit/base/status.hpp"
 #include "hmmkit/mirror/address_space.hpp"
@@ -40,6 +45,13 @@
 #include "hmmkit/mirror/vma.hpp"
 
 namespace hmmkit {
+
+// `pages` consecutive pages with the same state. 32 bits keep a run at 8 bytes; a longer stretch is
+// split into several runs.
+struct PageRun {
+  uint32_t pages = 0;
+  PageState state;
+};
 
 class PageReader {
  public:
@@ -50,16 +62,29 @@ class PageReader {
   Status Snapshot(uintptr_t start, uintptr_t end, std::span<PageState> out) const;
   Status SnapshotInVma(const Vma& vma, uintptr_t start, uintptr_t end,
                        std::span<PageState> out) const;
+  // Same as SnapshotInVma, as runs in address order that cover [start, end) exactly. `runs` is
+  // cleared first and keeps its capacity: a warm caller's buffer is not reallocated.
+  Status SnapshotRunsInVma(const Vma& vma, uintptr_t start, uintptr_t end,
+                           std::vector<PageRun>& runs) const;
 
  private:
-  Status CheckRange(const char* what, uintptr_t start, uintptr_t end,
-                    std::span<PageState> out) const;
+  Status CheckRange(const char* what, uintptr_t start, uintptr_t end, size_t out_size) const;
   // Fills out[0 .. (end - start) / page) for a range inside vma; out is zeroed by the caller.
   Status ScanVma(const Vma& vma, uintptr_t start, uintptr_t end, PageState* out) const;
   Status ScanWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_t end, PageState* out) const;
+  // Runs of [start, end) inside vma, ScanVma's result merged (runs is empty on entry).
+  Status ScanVmaRuns(const Vma& vma, uintptr_t start, uintptr_t end,
+                     std::vector<PageRun>& runs) const;
+  Status ScanRunsWithPagemapScan(const Vma& vma, uintptr_t start, uintptr_t end,
+                                 std::vector<PageRun>& runs) const;
+  // Calls fn(region_start, region_end, state) for each PAGEMAP_SCAN region clipped to [start, end),
+  // in address order, before any kExclusive is known.
+  template <class Fn>
+  Status ForEachScanRegion(const Vma& vma, uintptr_t start, uintptr_t end, Fn&& fn) const;
   Status ScanWithPagemapRead(const Vma& vma, uintptr_t start, uintptr_t end, PageState* out) const;
   // Sets kExclusive on present private anonymous pages (see the header comment).
   Status MarkExclusive(uintptr_t start, uintptr_t end, PageState* out) const;
+  Status MarkExclusiveRuns(uintptr_t start, uintptr_t end, std::vector<PageRun>& runs) const;
   // Reads the pagemap entries of count pages from addr; entries past the end of the user address
   // space read as 0.
   Status ReadPagemap(uintptr_t addr, size_t count, uint64_t* entries) const;

@@ -1,14 +1,17 @@
-// RangeFault: hmm_range_fault over the real address space. Small pure helpers decide per page what
-// the entry is and whether it needs a fault; FaultRuns does the faulting in batches.
+// RangeFault: hmm_range_fault over the real address space. Small pure helpers decide what the entry
+// is and whether it needs a fault, once per run of equal pages where every page asks the same
+// (per page where requests or device pages differ); FaultVmaPiece faults in batches.
 #include "hmmkit/mirror/range_fault.hpp"
 
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
+#include "page_reader.hpp"
 
 namespace hmmkit {
 
@@ -84,15 +87,46 @@ uint64_t RequestOf(const Range& r, size_t i) {
   return ((r.hmm_pfns[i] & r.pfn_flags_mask) | r.default_flags) & hmm_pfn::kReqMask;
 }
 
+// Pages [first, end) of a VMA piece that need the same fault.
+struct FaultRun {
+  size_t first;
+  size_t end;
+  Need need;
+};
+
 // Per-thread scratch buffers: no allocation per call once warm.
 struct Scratch {
-  std::vector<PageState> states;
+  std::vector<PageRun> runs;
   std::vector<DevicePageInfo> devices;
-  std::vector<Need> needs;
+  std::vector<FaultRun> faults;
 };
 Scratch& ThreadScratch() {
   thread_local Scratch s;
   return s;
+}
+
+// out[0, n) = v. GCC -O2 stores one word per cycle here (0.6 ns per entry, 5% of the kernel's walk
+// of a page); copying the first 4 KiB of entries forward with memcpy runs at about 0.15 ns.
+void FillEntries(uint64_t* out, size_t n, uint64_t v) {
+  constexpr size_t kBlock = 512;
+  const size_t head = std::min<size_t>(n, 64);
+  for (size_t i = 0; i < head; ++i) out[i] = v;
+  for (size_t done = head; done < n;) {
+    const size_t c = std::min({done, n - done, kBlock});
+    std::memcpy(out + done, out, c * sizeof *out);
+    done += c;
+  }
+}
+
+// Records that pages [i, j) need `need`, extending the previous run when adjacent and equal: one
+// fault call per contiguous run of the same need.
+void AddNeed(std::vector<FaultRun>& faults, size_t i, size_t j, Need need) {
+  if (need == Need::kNone) return;
+  if (!faults.empty() && faults.back().end == i && faults.back().need == need) {
+    faults.back().end = j;
+  } else {
+    faults.push_back(FaultRun{i, j, need});
+  }
 }
 
 Status NoVmaError(uintptr_t addr, const char* why) {
@@ -115,13 +149,15 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
   const size_t page = as.features().page_size;
   const size_t n = (e - s) / page;
   const size_t first = (s - r.start) / page;
+  uint64_t* out = r.hmm_pfns.data() + first;
   Scratch& scratch = ThreadScratch();
-  scratch.states.resize(n);
-  scratch.needs.resize(n);
+  // Without pfn_flags_mask every page asks the same: one decision per run of equal pages.
+  const bool per_page_req = r.pfn_flags_mask != 0;
+  const uint64_t common_req = r.default_flags & hmm_pfn::kReqMask;
 
   // REQ_WRITE on a read-only VMA can never be satisfied.
   if (!vma.write) {
-    for (size_t i = 0; i < n; ++i) {
+    for (size_t i = 0; i < (per_page_req ? n : 1); ++i) {
       uint64_t req = RequestOf(r, first + i);
       if ((req & hmm_pfn::kReqFault) && (req & hmm_pfn::kReqWrite))
         return Status::FromErrno(
@@ -133,41 +169,46 @@ Status FaultVmaPiece(AddressSpace& as, Range& r, const Vma& vma, uintptr_t s, ui
 
   constexpr int kMaxRounds = 8;
   for (int round = 0; round < kMaxRounds; ++round) {
-    HMMKIT_RETURN_IF_ERROR(as.SnapshotInVma(vma, s, e, scratch.states));
+    HMMKIT_RETURN_IF_ERROR(PageReader(as).SnapshotRunsInVma(vma, s, e, scratch.runs));
     bool devices = false;
     if (as.has_device_pages()) {
       scratch.devices.resize(n);
       devices = as.LookupDevicePages(s, e, scratch.devices) != 0;
     }
-    bool any_need = false;
-    for (size_t i = 0; i < n; ++i) {
-      const uint64_t req = RequestOf(r, first + i);
-      Decision d =
-          devices && (scratch.devices[i].kind != PageKind::kSystem || scratch.devices[i].exclusive)
-              ? DecideDevice(vma, scratch.states[i], scratch.devices[i], req, r.dev_private_owner)
-              : DecideSystem(vma, scratch.states[i], req);
-      r.hmm_pfns[first + i] = d.entry;
-      scratch.needs[i] = d.need;
-      any_need |= d.need != Need::kNone;
-    }
-    if (!any_need) return Status::Ok();
-
-    // Fault contiguous runs of the same need with one call each.
-    for (size_t i = 0; i < n;) {
-      if (scratch.needs[i] == Need::kNone) {
-        ++i;
+    scratch.faults.clear();
+    size_t i = 0;
+    for (const PageRun& run : scratch.runs) {
+      const size_t j = i + run.pages;
+      if (!devices && !per_page_req) {
+        const Decision d = DecideSystem(vma, run.state, common_req);
+        FillEntries(out + i, j - i, d.entry);
+        AddNeed(scratch.faults, i, j, d.need);
+        i = j;
         continue;
       }
-      const Need need = scratch.needs[i];
-      size_t j = i + 1;
-      while (j < n && scratch.needs[j] == need) ++j;
-      const uintptr_t rs = s + i * page, re = s + j * page;
-      if (need == Need::kMigrateBack) {
+      for (; i < j; ++i) {
+        const uint64_t req = RequestOf(r, first + i);
+        const DevicePageInfo* dev = devices ? &scratch.devices[i] : nullptr;
+        const Decision d = dev && (dev->kind != PageKind::kSystem || dev->exclusive)
+                               ? DecideDevice(vma, run.state, *dev, req, r.dev_private_owner)
+                               : DecideSystem(vma, run.state, req);
+        out[i] = d.entry;
+        AddNeed(scratch.faults, i, i + 1, d.need);
+      }
+    }
+    if (i != n)
+      return Status::FromErrno(
+          EIO,
+          fmt::format("range_fault: snapshot of {:#x}-{:#x} covers {} of {} pages", s, e, i, n));
+    if (scratch.faults.empty()) return Status::Ok();
+
+    for (const FaultRun& f : scratch.faults) {
+      const uintptr_t rs = s + f.first * page, re = s + f.end * page;
+      if (f.need == Need::kMigrateBack) {
         HMMKIT_RETURN_IF_ERROR(as.MigrateDevicePagesToRam(rs, re));
       } else {
-        HMMKIT_RETURN_IF_ERROR(as.Populate(rs, re, need == Need::kWrite));
+        HMMKIT_RETURN_IF_ERROR(as.Populate(rs, re, f.need == Need::kWrite));
       }
-      i = j;
     }
     // A change that raced with the faults also moved the sequence: let the caller retry.
     if (r.notifier->CheckRetry(r.notifier_seq))
