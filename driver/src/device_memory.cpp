@@ -408,6 +408,11 @@ Status DeviceMemory::CopyToRam(std::span<const uint64_t> ids, std::span<void* co
   return Status::Ok();
 }
 
+void DeviceMemory::CopiedToRam(size_t pages) {
+  MutexLock lock(mu_);
+  counters_.pages_copied_to_ram += pages;
+}
+
 DeviceMemory::Stats DeviceMemory::stats() const {
   MutexLock lock(mu_);
   Stats s = counters_;

@@ -54,41 +54,61 @@ Status AllocateDestinations(DeviceMemory& mem, MigrateVma& m) {
   return Status::Ok();
 }
 
-// System -> device copies (zero fills for holes). A page whose copy failed gets its device page
-// back and no destination, so it stays in system memory. Returns the first error.
+// One descriptor per run of pages that are contiguous on both sides: a 2 MiB chunk is one copy
+// (the engine splits it over its workers), not 512 of them, each with its own checked system
+// access.
+struct Run {
+  size_t first = 0, count = 0;  // page indices [first, first + count) of the migration
+};
+
+// System -> device copies (zero fills for holes). The pages of a run whose copy failed get their
+// device pages back and no destination, so they stay in system memory. Returns the first error.
 Status CopyToDevice(DeviceMemory& mem, dma::DmaEngine& dma, MigrateVma& m) {
   const size_t page = PageSize();
   std::vector<dma::Descriptor> batch;
-  std::vector<size_t> index;
-  for (size_t i = 0; i < m.npages; ++i) {
-    if (!(m.src[i] & migrate_pfn::kMigrate) || !(m.dst[i] & migrate_pfn::kValid)) continue;
-    dma::Endpoint to{mem.PageData(migrate_pfn::DeviceId(m.dst[i])), dma::Memory::kDevice};
+  std::vector<Run> runs;
+  auto device = [&](size_t i) {
+    return static_cast<char*>(mem.PageData(migrate_pfn::DeviceId(m.dst[i])));
+  };
+  auto system = [&](size_t i) { return static_cast<char*>(migrate_pfn::SystemAddress(m.src[i])); };
+  for (size_t i = 0; i < m.npages;) {
+    if (!(m.src[i] & migrate_pfn::kMigrate) || !(m.dst[i] & migrate_pfn::kValid)) {
+      ++i;
+      continue;
+    }
+    const bool fill = !(m.src[i] & migrate_pfn::kValid);
+    size_t j = i + 1;
+    while (j < m.npages && (m.src[j] & migrate_pfn::kMigrate) && (m.dst[j] & migrate_pfn::kValid) &&
+           !(m.src[j] & migrate_pfn::kValid) == fill && device(j) == device(j - 1) + page &&
+           (fill || system(j) == system(j - 1) + page))
+      ++j;
+    dma::Endpoint to{device(i), dma::Memory::kDevice};
+    const size_t len = (j - i) * page;
     batch.push_back(
-        (m.src[i] & migrate_pfn::kValid)
-            ? dma::Descriptor::Copy(
-                  to,
-                  dma::ConstEndpoint(migrate_pfn::SystemAddress(m.src[i]), dma::Memory::kSystem),
-                  page)
-            : dma::Descriptor::Fill(to, 0, page));
-    index.push_back(i);
+        fill ? dma::Descriptor::Fill(to, 0, len)
+             : dma::Descriptor::Copy(to, dma::ConstEndpoint(system(i), dma::Memory::kSystem), len));
+    runs.push_back({i, j - i});
+    i = j;
   }
   if (batch.empty()) return Status::Ok();
-  auto drop = [&](size_t i) {
-    mem.PutPage(migrate_pfn::DeviceId(m.dst[i]));  // never handed to Finalize
-    m.dst[i] = 0;
+  auto drop = [&](const Run& r) {
+    for (size_t i = r.first; i < r.first + r.count; ++i) {
+      mem.PutPage(migrate_pfn::DeviceId(m.dst[i]));  // never handed to Finalize
+      m.dst[i] = 0;
+    }
   };
   auto fence = dma.Submit(batch);
   if (!fence.ok()) {
-    for (size_t i : index) drop(i);
+    for (const Run& r : runs) drop(r);
     return fence.status();
   }
   fence->Wait().IgnoreError();  // per-descriptor results below
   Status first = Status::Ok();
   auto results = fence->results();
-  for (size_t k = 0; k < index.size(); ++k) {
+  for (size_t k = 0; k < runs.size(); ++k) {
     if (results[k].ok()) continue;
     if (first.ok()) first = results[k];
-    drop(index[k]);
+    drop(runs[k]);
   }
   return first;
 }
@@ -140,13 +160,27 @@ Result<DeviceMigrationResult> MigrateToSystem(AddressSpace& as, DeviceMemory& me
   Status st = Status::Ok();
   if (m.cpages > 0) st = MigrateVmaAllocSystemPages(m);
   if (st.ok() && m.cpages > 0) {
+    // Staging pages are contiguous; device pages are within a chunk: one copy per joint run.
     std::vector<dma::Descriptor> batch;
-    for (size_t i = 0; i < n; ++i) {
-      if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
-      batch.push_back(dma::Descriptor::Copy(
-          dma::Endpoint{migrate_pfn::SystemAddress(m.dst[i]), dma::Memory::kSystem},
-          dma::ConstEndpoint(mem.PageData(migrate_pfn::DeviceId(m.src[i])), dma::Memory::kDevice),
-          page));
+    auto device = [&](size_t i) {
+      return static_cast<const char*>(mem.PageData(migrate_pfn::DeviceId(m.src[i])));
+    };
+    auto staging = [&](size_t i) {
+      return static_cast<char*>(migrate_pfn::SystemAddress(m.dst[i]));
+    };
+    for (size_t i = 0; i < n;) {
+      if (!(m.src[i] & migrate_pfn::kMigrate)) {
+        ++i;
+        continue;
+      }
+      size_t j = i + 1;
+      while (j < n && (m.src[j] & migrate_pfn::kMigrate) && device(j) == device(j - 1) + page &&
+             staging(j) == staging(j - 1) + page)
+        ++j;
+      batch.push_back(dma::Descriptor::Copy(dma::Endpoint{staging(i), dma::Memory::kSystem},
+                                            dma::ConstEndpoint(device(i), dma::Memory::kDevice),
+                                            (j - i) * page));
+      i = j;
     }
     auto fence = dma.Submit(batch);
     st = fence.ok() ? fence->Wait() : fence.status();

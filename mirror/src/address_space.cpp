@@ -64,6 +64,10 @@ Result<std::shared_ptr<AddressSpace>> AddressSpace::Create(const Options& option
   RegisterLoaderMemory();  // never migrated: see internal_memory.hpp
   if (options.fault_window == 0 || (options.fault_window & (options.fault_window - 1)) != 0)
     return Status::FromErrno(EINVAL, "AddressSpace: fault_window must be a power of two >= 1");
+  if (options.fault_window_max < options.fault_window ||
+      (options.fault_window_max & (options.fault_window_max - 1)) != 0)
+    return Status::FromErrno(
+        EINVAL, "AddressSpace: fault_window_max must be a power of two >= fault_window");
   if (options.granule < size_t(sysconf(_SC_PAGESIZE)) ||
       (options.granule & (options.granule - 1)) != 0) {
     return Status::FromErrno(EINVAL, "AddressSpace: granule must be a power of two >= page size");

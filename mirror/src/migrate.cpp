@@ -372,19 +372,30 @@ Status MigrateVmaPages(MigrateVma& m) {
         }
         for (size_t j = i; j < i + k; ++j) st.committed[j] = 1;
       });
-  // Destinations the driver chose itself (not hmmkit's staging) go one page at a time.
-  for (size_t i = 0; i < n; ++i) {
-    if (!go[i] || st.committed[i] || !(m.src[i] & migrate_pfn::kMigrate)) continue;
+  // Destinations the driver chose itself (not hmmkit's staging, e.g. host-visible device pages):
+  // one copy per run of destinations that are contiguous too.
+  for (size_t i = 0; i < n;) {
+    if (!go[i] || st.committed[i] || !(m.src[i] & migrate_pfn::kMigrate)) {
+      ++i;
+      continue;
+    }
+    const char* from = static_cast<const char*>(migrate_pfn::SystemAddress(m.dst[i]));
+    size_t k = 1;
+    while (i + k < n && go[i + k] && !st.committed[i + k] &&
+           (m.src[i + k] & migrate_pfn::kMigrate) &&
+           migrate_pfn::SystemAddress(m.dst[i + k]) == from + k * page)
+      ++k;
     const uintptr_t va = m.start + i * page;
     Status c = coherent ? Status::FromErrno(EINVAL, "coherent pages need staging destinations")
-                        : monitor.Copy(va, migrate_pfn::SystemAddress(m.dst[i]), page,
+                        : monitor.Copy(va, const_cast<char*>(from), k * page,
                                        /*write_protect=*/false, /*wake=*/false);
     if (!c.ok()) {
       if (result.ok()) result = c;
-      m.src[i] &= ~migrate_pfn::kMigrate;
-      continue;
+      for (size_t j = i; j < i + k; ++j) m.src[j] &= ~migrate_pfn::kMigrate;
+    } else {
+      for (size_t j = i; j < i + k; ++j) st.committed[j] = 1;
     }
-    st.committed[i] = 1;
+    i += k;
   }
   return result;
 }
@@ -448,6 +459,20 @@ static Status MigrateRangeToRam(AddressSpace& as, DevicePagemap& pm, uintptr_t s
   m.flags = pm.kind() == PageKind::kDevicePrivate ? kSelectDevicePrivate : kSelectDeviceCoherent;
   m.src_pagemap = &pm;
   HMMKIT_RETURN_IF_ERROR(MigrateVmaSetup(as, m));
+  if (pm.kind() == PageKind::kDevicePrivate && pm.HostReadable()) {
+    // Host-visible device memory: the "system page" each entry copies from is the device page's
+    // own CPU mapping; MigrateVmaPages copies runs of them with UFFDIO_COPY.
+    size_t pages = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
+      m.dst[i] = migrate_pfn::FromSystem(pm.PageData(migrate_pfn::DeviceId(m.src[i])));
+      ++pages;
+    }
+    Status st = MigrateVmaPages(m);
+    MigrateVmaFinalize(m);
+    if (pages > 0) pm.CopiedToRam(pages);
+    return st;
+  }
   Status st = MigrateVmaAllocSystemPages(m);
   if (st.ok() && m.cpages > 0) {
     std::vector<uint64_t> ids;
@@ -475,11 +500,36 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
   }
   auto vma = as.FindVma(pg);
   if (!vma.ok()) return vma.status();
+  // The stream detector's state: CPU faults of an address space are served by its monitor's one
+  // fault thread, so per-thread state sees that address space's fault sequence.
+  struct Stream {
+    const AddressSpace* as = nullptr;
+    uintptr_t start = 0, end = 0;  // the previous window
+    size_t pages = 0;              // its size
+  };
+  thread_local Stream stream;
   uintptr_t start = pg, end = pg + page;
   if (*vma) {
-    const uintptr_t w = as.options().fault_window * page;
-    start = std::max((*vma)->start, pg & ~(w - 1));
-    end = std::min((*vma)->end, (pg & ~(w - 1)) + w);
+    const AddressSpace::Options& o = as.options();
+    const bool ours = stream.as == &as && o.fault_window_max > o.fault_window;
+    const size_t grown = std::min(stream.pages * 2, o.fault_window_max);
+    // Sequential either way (large memcpys run backwards when the destination is above the
+    // source): a larger window ahead of the stream; what is behind it came back already.
+    if (ours && pg == stream.end) {
+      end = std::min<uintptr_t>((*vma)->end, pg + grown * page);
+      stream.pages = grown;
+    } else if (ours && pg + page == stream.start) {
+      start = std::max<uintptr_t>((*vma)->start, pg + page - std::min(grown * page, pg + page));
+      stream.pages = grown;
+    } else {
+      const uintptr_t w = o.fault_window * page;
+      start = std::max((*vma)->start, pg & ~(w - 1));
+      end = std::min((*vma)->end, (pg & ~(w - 1)) + w);
+      stream.pages = o.fault_window;
+    }
+    stream.as = &as;
+    stream.start = start;
+    stream.end = end;
   }
   return MigrateRangeToRam(as, pm, start, end);
 }

@@ -313,6 +313,74 @@ TEST_F(MigrateTest, FaultWindowOfOneBringsBackOnlyTheFaultingPage) {
   EXPECT_EQ(as_->device_page_count(), 7u);
 }
 
+// Given a 16-page buffer on the device, with a fault window of 1 growing to 8 for streams
+class StreamWindowTest : public MigrateTest,
+                         public ::testing::WithParamInterface<bool /*backwards*/> {};
+
+TEST_P(StreamWindowTest, SequentialFaultsDoubleTheWindowUpToTheMaximum) {
+  options_.fault_window = 1;
+  options_.fault_window_max = 8;
+  as_ = MakeAddressSpace(options_);
+  const size_t n = 16;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  madvise(m.data(), m.size(), MADV_NOHUGEPAGE);
+  Fill(m, n, 5);
+  TestPagemap pm(n, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  ASSERT_EQ(as_->device_page_count(), n);
+  // When the CPU reads it page by page, in one direction
+  const bool backwards = GetParam();
+  const uint64_t faults = as_->monitor()->stats().faults;
+  std::vector<size_t> on_device_after;
+  for (size_t k = 0; k < n; ++k) {
+    const size_t i = backwards ? n - 1 - k : k;
+    ASSERT_TRUE(Check(m.page(i), 1, 5, i)) << "page " << i;
+    on_device_after.push_back(as_->device_page_count());
+  }
+  // Then windows of 1, 2, 4, 8 and the last page came back: 5 faults, not 16
+  EXPECT_EQ(as_->monitor()->stats().faults - faults, 5u);
+  EXPECT_EQ(on_device_after[0], 15u);
+  EXPECT_EQ(on_device_after[1], 13u);
+  EXPECT_EQ(on_device_after[3], 9u);
+  EXPECT_EQ(on_device_after[7], 1u);
+  EXPECT_EQ(on_device_after[15], 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Directions, StreamWindowTest, ::testing::Values(false, true),
+                         [](const auto& p) { return p.param ? "Backwards" : "Forwards"; });
+
+TEST_F(MigrateTest, ARandomFaultStartsAgainFromTheBaseWindow) {
+  options_.fault_window = 1;
+  options_.fault_window_max = 8;
+  as_ = MakeAddressSpace(options_);
+  const size_t n = 16;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 6);
+  TestPagemap pm(n, PageKind::kDevicePrivate, &owner_a, as_.get());
+  {
+    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+    ASSERT_TRUE(mst.ok()) << mst.ToString();
+  }
+  // Pages 4 then 5 (a stream of two: 1 + 2 pages back), then page 12: not next to the stream
+  EXPECT_TRUE(Check(m.page(4), 1, 6, 4));
+  EXPECT_TRUE(Check(m.page(5), 1, 6, 5));
+  EXPECT_EQ(as_->device_page_count(), n - 3);
+  EXPECT_TRUE(Check(m.page(12), 1, 6, 12));
+  EXPECT_EQ(as_->device_page_count(), n - 4);
+}
+
+TEST_F(MigrateTest, FaultWindowMaxBelowTheWindowIsRejected) {
+  AddressSpace::Options o;
+  o.fault_window = 16;
+  o.fault_window_max = 8;
+  auto as = AddressSpace::Create(o);
+  ASSERT_FALSE(as.ok());
+  EXPECT_EQ(as.errno_value(), EINVAL);
+}
+
 TEST_F(MigrateTest, TimesliceKeepsAPageOnTheDeviceAtLeastThatLong) {
   options_.migrate_timeslice = std::chrono::milliseconds(40);
   as_ = MakeAddressSpace(options_);

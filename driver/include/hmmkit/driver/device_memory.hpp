@@ -191,6 +191,9 @@ class DeviceMemory final : public DevicePagemap {
   void* PageData(uint64_t id) override;
   // The default copy (memcpy from the arena), counted in Stats::pages_copied_to_ram.
   Status CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst) override;
+  // The arena is mapped into the process: pages come back by one kernel copy from it.
+  bool HostReadable() const override { return true; }
+  void CopiedToRam(size_t pages) override EXCLUDES(mu_);
   // The arena fd (the memfd, or a duplicate of Options::external's fd); ArenaOffset(id) is
   // id * 4096 past the arena's start in it. Map with MAP_SHARED.
   int ArenaFd() const override { return fd_; }

@@ -68,6 +68,11 @@ class AddressSpace {
     // CPU fault on a device-private page: how many pages around it come back with it (a power of
     // two; the window is aligned and clipped to the VMA). 1 brings back only the faulting page.
     size_t fault_window = 16;
+    // Fault-around for streams: a fault on the page right after the previous window (sequential
+    // access) brings back twice as many pages, forward from the fault, up to this many; any other
+    // fault starts again from fault_window. A power of two >= fault_window; fault_window turns
+    // the growth off.
+    size_t fault_window_max = 512;
     // A page that migrated to a device stays there at least this long before a CPU fault takes
     // it back (the fault waits), so CPU and device sharing a page do not ping-pong. 0 disables.
     std::chrono::milliseconds migrate_timeslice{0};

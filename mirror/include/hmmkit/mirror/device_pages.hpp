@@ -80,6 +80,14 @@ class DevicePagemap {
   // failed copy; no page is committed then.
   virtual Status CopyToRam(std::span<const uint64_t> ids, std::span<void* const> dst);
 
+  // Optional. True when CopyToRam is a plain copy from PageData (host-visible device memory): a
+  // private page coming back is then copied by the kernel straight from PageData into the faulting
+  // address (UFFDIO_COPY), one copy instead of CopyToRam into staging pages plus UFFDIO_COPY.
+  // CopiedToRam(n) then reports the n pages that came back that way (for the driver's counters;
+  // same context as CopyToRam).
+  virtual bool HostReadable() const { return false; }
+  virtual void CopiedToRam(size_t /*pages*/) {}
+
   // Optional (kernel: dev_pagemap_ops.migrate_to_ram). Called when the CPU touches a private page
   // at `addr` (the monitor's fault thread) or a device asks for it (range_fault on another owner's
   // page, the caller's thread). Must bring at least [addr, addr + page) back to system memory, or
