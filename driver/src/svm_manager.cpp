@@ -80,7 +80,7 @@ SvmManager::SvmManager(std::shared_ptr<AddressSpace> as, DeviceMemory& memory, d
       policy_(options.policy ? options.policy : std::make_shared<DefaultSvmPolicy>()),
       page_(size_t(::sysconf(_SC_PAGESIZE))) {}
 
-bool SvmManager::Migratable(const Vma& vma) const {
+bool SvmManager::Migratable(const Vma& vma, std::optional<bool> after_file) const {
   // The brk heap and the main stack hold hmmkit's own allocations and frames too: a thread that
   // touches a page of its own migration waits on itself. So does the anonymous tail of an ELF
   // object's .bss (an unnamed VMA right after a file mapping), where hmmkit's statics live.
@@ -88,11 +88,17 @@ bool SvmManager::Migratable(const Vma& vma) const {
   if (!vma.migratable() || !vma.accessible() || vma.name == "[heap]" || vma.name == "[stack]")
     return false;
   if (vma.name.empty() && vma.start > 0) {
+    if (after_file) return !*after_file;
     auto prev = as_->FindVma(vma.start - 1);
     if (prev.ok() && *prev && (*prev)->kind == VmaKind::kFile && (*prev)->end == vma.start)
       return false;
   }
   return true;
+}
+
+void SvmManager::MarkDeadLocked(SvmRange& r) {
+  if (!r.unmapped) dead_ranges_++;
+  r.unmapped = true;
 }
 
 SvmManager::~SvmManager() {
@@ -106,25 +112,26 @@ SvmManager::~SvmManager() {
   for (auto& [start, w] : windows) as_->notifiers().Remove(w->notifier);
 }
 
-Result<Vma> SvmManager::VmaFor(uintptr_t addr) const {
+Result<Vma> SvmManager::VmaFor(uintptr_t addr, std::optional<bool>* after_file) const {
   if (addr >= options_.device_va_end)
     return Status::FromErrno(EFAULT, fmt::format("{:#x} is beyond the device's address range "
                                                  "({:#x})",
                                                  addr, options_.device_va_end));
-  auto vma = as_->FindVma(addr);
-  if (!vma.ok()) return vma.status();
-  if (!*vma) return Status::FromErrno(EFAULT, fmt::format("{:#x} is not mapped", addr));
   // The mapping as the application made it: hmmkit's own userfaultfd registrations split VMAs
   // (page-exact routing of migrated pages), so join the compatible neighbours, as far as any
   // range or prefetch region around addr can reach. Only neighbours the monitor watches: those are
   // the pieces of memory the device already used. A compatible neighbour the kernel kept apart
   // because it is not registered is someone else's memory (the dynamic loader's, a library's),
   // which must never be migrated.
+  // One walk of the VMAs around addr answers both (one PROCMAP_QUERY per VMA on the fault path).
   const uintptr_t span = std::max(options_.chunk_sizes.front(), options_.prefetch_region);
   const uintptr_t lo = addr & ~(span - 1), hi = lo + span;
-  Vma joined = **vma;
   auto around = as_->FindVmas(lo, hi);
-  if (!around.ok()) return joined;
+  if (!around.ok()) return around.status();
+  const std::vector<Vma>& vs = *around;
+  auto at = std::find_if(vs.begin(), vs.end(), [&](const Vma& v) { return v.contains(addr); });
+  if (at == vs.end()) return Status::FromErrno(EFAULT, fmt::format("{:#x} is not mapped", addr));
+  Vma joined = *at;
   MmMonitor* mon = as_->monitor();
   auto compatible = [&](const Vma& v) {
     return v.kind == joined.kind && v.shared == joined.shared && v.read == joined.read &&
@@ -132,13 +139,19 @@ Result<Vma> SvmManager::VmaFor(uintptr_t addr) const {
            v.inode == joined.inode && mon &&
            mon->IsWatched(std::max(v.start, lo), std::min(v.end, hi));
   };
-  const std::vector<Vma>& vs = *around;
-  auto at = std::find_if(vs.begin(), vs.end(), [&](const Vma& v) { return v.contains(addr); });
-  if (at == vs.end()) return joined;
+  auto first = at;
   for (auto it = at; it != vs.begin();) {
     --it;
     if (it->end != joined.start || !compatible(*it)) break;
     joined.start = it->start;
+    first = it;
+  }
+  // What lies right before the joined VMA, when the walk saw it (Migratable's .bss rule).
+  if (after_file) {
+    if (first != vs.begin() && std::prev(first)->end == joined.start)
+      *after_file = std::prev(first)->kind == VmaKind::kFile;
+    else if (joined.start > lo)
+      *after_file = false;  // a gap before it inside the walked span
   }
   for (auto it = std::next(at); it != vs.end(); ++it) {
     if (it->start != joined.end || !compatible(*it)) break;
@@ -197,13 +210,13 @@ Result<SvmManager::SvmRange*> SvmManager::FindOrCreateLocked(uintptr_t addr, con
 
 // ---- fault path --------------------------------------------------------------------------------
 
-SvmFault SvmManager::DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, bool write) {
+SvmFault SvmManager::DescribeFault(SvmRange& r, uintptr_t addr, bool write, bool migratable) {
   SvmFault f;
   f.addr = addr;
   f.write = write;
   f.range_start = r.start;
   f.range_end = r.end;
-  f.migratable = Migratable(vma) && !InMallocArenaHeap(r.start);
+  f.migratable = migratable;
   f.attrs = attributes_.At(addr);
   f.migrate_on_fault = options_.migrate_on_fault;
   const auto now = std::chrono::steady_clock::now();
@@ -382,12 +395,16 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
     MutexLock lock(mu_);
     stats_.device_faults++;
   }
-  auto vma = VmaFor(addr);
+  std::optional<bool> after_file;
+  auto vma = VmaFor(addr, &after_file);
   if (!vma.ok()) return vma.status();
   if (write && !vma->write)
     return Status::FromErrno(EPERM, fmt::format("device write to read-only {:#x}", addr));
   if (!vma->read && !vma->write)
     return Status::FromErrno(EPERM, fmt::format("device access to PROT_NONE {:#x}", addr));
+  // Before mu_: these query the kernel, and Invalidate waits for mu_. A range lies inside one
+  // aligned chunk, so it is in the same 64 MiB arena block as addr.
+  const bool migratable = Migratable(*vma, after_file) && !InMallocArenaHeap(addr);
   SvmRange* r;
   SvmFault f;
   {
@@ -395,7 +412,7 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
     auto found = FindOrCreateLocked(addr & ~(uintptr_t(page_) - 1), *vma);
     if (!found.ok()) return found.status();
     r = *found;
-    f = DescribeFault(*r, *vma, addr, write);
+    f = DescribeFault(*r, addr, write, migratable);
   }
   // The range may cross into a later VMA only if it was made for an earlier mapping that was
   // replaced; the VMA at addr decides the policy either way.
@@ -438,15 +455,17 @@ Status SvmManager::HandleAccessCounter(uintptr_t addr) {
     MutexLock lock(mu_);
     stats_.counter_notifications++;
   }
-  auto vma = VmaFor(addr);
+  std::optional<bool> after_file;
+  auto vma = VmaFor(addr, &after_file);
   if (!vma.ok()) return vma.status();
+  const bool migratable = Migratable(*vma, after_file) && !InMallocArenaHeap(addr);
   SvmRange* r;
   SvmFault f;
   {
     MutexLock lock(mu_);
     r = FindLocked(addr);
     if (!r) return Status::Ok();  // no longer mapped by the device
-    f = DescribeFault(*r, *vma, addr, /*write=*/false);
+    f = DescribeFault(*r, addr, /*write=*/false, migratable);
   }
   if (!f.migratable || !policy_->PromoteHotRange(f)) return Status::Ok();
   if (MigrateRange(*r) != Moved::kSome) return Status::Ok();  // already there, or no room
@@ -486,7 +505,7 @@ Status SvmManager::Advise(uintptr_t start, uintptr_t end, const SvmAdvice& advic
       HMMKIT_RETURN_IF_ERROR(WindowForLocked(w).status());
     // A range lies inside one advice run: those that straddle an edge of the change go.
     for (auto& [s, r] : ranges_)
-      if (r.start < end && r.end > start && (r.start < start || r.end > end)) r.unmapped = true;
+      if (r.start < end && r.end > start && (r.start < start || r.end > end)) MarkDeadLocked(r);
     idle_windows_possible_ = true;  // advice may have been unset
   }
   CollectGarbageLocked();
@@ -599,8 +618,9 @@ size_t SvmManager::CollectGarbageLocked() {
   std::vector<std::pair<uintptr_t, uintptr_t>> dead;
   {
     MutexLock lock(mu_);
-    for (auto& [s, r] : ranges_)
-      if (r.unmapped) dead.emplace_back(r.start, r.end);
+    if (dead_ranges_ > 0)  // every fault comes here: no walk of all ranges when none is dead
+      for (auto& [s, r] : ranges_)
+        if (r.unmapped) dead.emplace_back(r.start, r.end);
   }
   if (dead.empty()) {
     RemoveIdleWindows();
@@ -617,6 +637,7 @@ size_t SvmManager::CollectGarbageLocked() {
       if (it == ranges_.end()) continue;
       ops_.UnmapPages(s, e);
       Window* w = it->second.window;
+      if (it->second.unmapped) dead_ranges_--;
       ranges_.erase(it);
       stats_.ranges_removed++;
       stats_.garbage_collected++;
@@ -672,7 +693,7 @@ void SvmManager::Invalidate(IntervalNotifier& sub, const NotifierRange& range, u
   auto it = ranges_.upper_bound(s);
   if (it != ranges_.begin()) --it;
   for (; it != ranges_.end() && it->second.start < e; ++it)
-    if (it->second.end > s) it->second.unmapped = true;
+    if (it->second.end > s) MarkDeadLocked(it->second);
 }
 
 // ---- introspection -----------------------------------------------------------------------------

@@ -242,7 +242,10 @@ class SvmManager final : public IntervalNotifierOps {
   // fault=false maps only the pages present now (runs of valid entries).
   Status GetPagesAndMap(SvmRange& r, bool write, bool fault = true) REQUIRES(op_mu_) EXCLUDES(mu_);
   // The policy's input for a fault at addr in r (updates thrashing state).
-  SvmFault DescribeFault(SvmRange& r, const Vma& vma, uintptr_t addr, bool write) REQUIRES(mu_);
+  // migratable: Migratable() && !InMallocArenaHeap(), computed before mu_ (they query the kernel).
+  SvmFault DescribeFault(SvmRange& r, uintptr_t addr, bool write, bool migratable) REQUIRES(mu_);
+  // Marks r for CollectGarbage (counted, so that a fault with nothing to collect skips the walk).
+  void MarkDeadLocked(SvmRange& r) REQUIRES(mu_);
   // Migrates the private anonymous parts of [start, end), VMA by VMA; returns the pages moved
   // (an error only when nothing moved).
   Result<size_t> MigrateSpan(uintptr_t start, uintptr_t end) REQUIRES(op_mu_) EXCLUDES(mu_);
@@ -257,8 +260,10 @@ class SvmManager final : public IntervalNotifierOps {
   // Removes windows with neither ranges nor advice (after an unmap cleared advice).
   void RemoveIdleWindows() REQUIRES(op_mu_) EXCLUDES(mu_);
   // The VMA at addr joined with its compatible neighbours near addr (see the definition).
-  Result<Vma> VmaFor(uintptr_t addr) const;
-  bool Migratable(const Vma& vma) const;
+  // after_file (optional): set when the walk saw what lies right before the joined VMA (true: a
+  // file mapping ends there), so that Migratable need not ask again.
+  Result<Vma> VmaFor(uintptr_t addr, std::optional<bool>* after_file = nullptr) const;
+  bool Migratable(const Vma& vma, std::optional<bool> after_file = {}) const;
   // Whether addr lies in a glibc thread-arena heap, or a sanitizer's heap (treated like the brk
   // heap).
   bool InMallocArenaHeap(uintptr_t addr) const;
@@ -277,6 +282,7 @@ class SvmManager final : public IntervalNotifierOps {
   std::map<uintptr_t, std::unique_ptr<Window>> windows_ GUARDED_BY(mu_);  // by start
   SvmAttributeMap attributes_ GUARDED_BY(mu_);
   bool idle_windows_possible_ GUARDED_BY(mu_) = false;
+  size_t dead_ranges_ GUARDED_BY(mu_) = 0;  // ranges with `unmapped` set
   Stats stats_ GUARDED_BY(mu_);
 };
 
