@@ -133,6 +133,42 @@ void DeviceEntries::Insert(uintptr_t va, const DeviceEntry& e) {
   }
 }
 
+void DeviceEntries::InsertMany(std::span<const std::pair<uintptr_t, DeviceEntry>> entries) {
+  std::vector<DeviceEntry> replaced;
+  {
+    MutexLock lock(mu_);
+    reverse_.reserve(reverse_.size() + entries.size());
+    auto hint = entries.empty() ? entries_.end() : entries_.lower_bound(entries.front().first);
+    for (const auto& [va, e] : entries) {
+      while (hint != entries_.end() && hint->first < va) ++hint;
+      if (hint != entries_.end() && hint->first == va) {
+        replaced.push_back(hint->second);
+        auto next = std::next(hint);
+        EraseLocked(hint);
+        hint = next;
+      }
+      auto it = entries_.emplace_hint(hint, va, e);
+      it->second.generation = next_generation_++;
+      if (!e.exclusive) reverse_[PageKey{e.pagemap, e.id}] = va;
+      hint = std::next(it);
+    }
+  }
+  for (const DeviceEntry& old : replaced) {
+    Log().error("device entries: a page already had a device page; the old one is released");
+    ReleaseEntry(old);
+  }
+}
+
+void DeviceEntries::TakeMany(std::span<const uintptr_t> vas, std::vector<DeviceEntry>& out) {
+  MutexLock lock(mu_);
+  for (uintptr_t va : vas) {
+    auto it = entries_.find(va);
+    if (it == entries_.end()) continue;
+    out.push_back(it->second);
+    EraseLocked(it);
+  }
+}
+
 bool DeviceEntries::Take(uintptr_t va, DeviceEntry* out) {
   MutexLock lock(mu_);
   auto it = entries_.find(va);

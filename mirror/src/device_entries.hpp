@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <map>
 #include <set>
+#include <span>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -69,8 +70,13 @@ class DeviceEntries final : public FaultHandler {
   bool Find(uintptr_t va, DeviceEntry* out) EXCLUDES(mu_);
   // Takes over the caller's page reference.
   void Insert(uintptr_t va, const DeviceEntry& e) EXCLUDES(mu_);
+  // Insert for many pages in ascending address order, under one lock hold (a migration commits
+  // thousands at once).
+  void InsertMany(std::span<const std::pair<uintptr_t, DeviceEntry>> entries) EXCLUDES(mu_);
   // Removes and returns the entry (its reference now the caller's); false when none.
   bool Take(uintptr_t va, DeviceEntry* out) EXCLUDES(mu_);
+  // Take for many addresses under one lock hold; appends what it took to `out`.
+  void TakeMany(std::span<const uintptr_t> vas, std::vector<DeviceEntry>& out) EXCLUDES(mu_);
   // Entries in [start, end), in address order.
   std::vector<std::pair<uintptr_t, DeviceEntry>> Collect(uintptr_t start, uintptr_t end)
       EXCLUDES(mu_);

@@ -311,6 +311,8 @@ Status MigrateVmaPages(MigrateVma& m) {
         whole = go[i + k] && migrate_pfn::DeviceId(m.dst[i + k]) == head + k;
       if (whole) std::fill_n(order.begin() + long(i), huge, 9);
     }
+    std::vector<std::pair<uintptr_t, DeviceEntry>> add;
+    add.reserve(n);
     for (size_t i = 0; i < n; ++i) {
       if (!go[i]) continue;
       DeviceEntry e;
@@ -319,9 +321,10 @@ Status MigrateVmaPages(MigrateVma& m) {
       e.order = order[i];
       e.writable = (m.src[i] & migrate_pfn::kWrite) != 0;
       e.migrated_at = now;
-      st.entries->Insert(m.start + i * page, e);  // the dst reference moves to the entry
+      add.emplace_back(m.start + i * page, e);  // the dst reference moves to the entry
       st.committed[i] = 1;
     }
+    st.entries->InsertMany(add);
     if (pm.kind() == PageKind::kDevicePrivate) {
       ForEachRun(
           n, [&](size_t i) { return go[i] != 0; },
@@ -419,11 +422,13 @@ void MigrateVmaFinalize(MigrateVma& m) {
           monitor.WriteProtect(m.start + i * page, k * page, false).IgnoreError();
         });
   } else {
-    for (size_t i = 0; i < n; ++i) {
-      if (!st.committed[i]) continue;
-      DeviceEntry e;
-      if (st.entries->Take(m.start + i * page, &e)) e.pagemap->PutPage(e.id);
-    }
+    std::vector<uintptr_t> vas;
+    for (size_t i = 0; i < n; ++i)
+      if (st.committed[i]) vas.push_back(m.start + i * page);
+    std::vector<DeviceEntry> taken;
+    taken.reserve(vas.size());
+    st.entries->TakeMany(vas, taken);
+    for (const DeviceEntry& e : taken) e.pagemap->PutPage(e.id);
     ForEachRun(
         n, [&](size_t i) { return st.write_protected[i] && !st.committed[i]; },
         [&](size_t i, size_t k) {
