@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -85,6 +86,24 @@ inline void ParallelMemcpy(void* dst, const void* src, size_t len, unsigned thre
   }
   std::memcpy(dst, src, std::min(len, part));
   for (auto& t : ts) t.join();
+}
+
+// The rate at which the kernel hands out fresh 4 KiB anonymous pages (MADV_POPULATE_WRITE), in
+// GB/s: the ceiling for anything that brings data back into new anonymous pages (UFFDIO_COPY
+// allocates each page it fills). 0 when the kernel lacks MADV_POPULATE_WRITE.
+inline double PageAllocationGbs(size_t len) {
+  Mapping m(len, 4096);
+  if (!m.ok()) return 0;
+  madvise(m.data(), len, MADV_NOHUGEPAGE);
+  const auto t0 = Clock::now();
+  if (madvise(m.data(), len, 23 /* MADV_POPULATE_WRITE */) != 0) return 0;
+  return double(len) / SecondsSince(t0) / 1e9;
+}
+
+inline std::string Fixed(double v, int digits = 2) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.*f", digits, v);
+  return buf;
 }
 
 }  // namespace hmmkit::bench

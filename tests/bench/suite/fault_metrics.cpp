@@ -222,8 +222,8 @@ Result<std::vector<Metric>> InvalidationMetrics(BenchContext& ctx) {
   Metric m = CostMetric("invalidation.munmap_p99", "munmap of a mirrored 2 MiB range, p99", "us",
                         Percentile(us_svm, 0.99), "bare munmap of 2 MiB, p99",
                         Percentile(us_bare, 0.99), std::nullopt);
-  m.detail = "until the device entry is gone; p50 " + std::to_string(Percentile(us_svm, 0.5)) +
-             " us vs bare " + std::to_string(Percentile(us_bare, 0.5)) + " us; " +
+  m.detail = "until the device entry is gone; p50 " + Fixed(Percentile(us_svm, 0.5), 1) +
+             " us vs bare " + Fixed(Percentile(us_bare, 0.5), 1) + " us; " +
              std::to_string(rounds) + " rounds";
   return std::vector<Metric>{std::move(m)};
 }

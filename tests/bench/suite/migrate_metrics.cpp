@@ -211,8 +211,8 @@ Result<std::vector<Metric>> FaultBackMetrics(BenchContext& ctx) {
     Metric m = CostMetric("fault_back.p50", "CPU fault-back of one device-private page, p50", "us",
                           Percentile(us, 0.5), "bare uffd MISSING->UFFDIO_COPY p50",
                           Percentile(*bare, 0.5), 0.67);
-    m.detail = "p99 " + std::to_string(Percentile(us, 0.99)) + " us vs bare " +
-               std::to_string(Percentile(*bare, 0.99)) + " us; " + std::to_string(n) + " faults";
+    m.detail = "p99 " + Fixed(Percentile(us, 0.99), 1) + " us vs bare " +
+               Fixed(Percentile(*bare, 0.99), 1) + " us; " + std::to_string(n) + " faults";
     out.push_back(std::move(m));
   }
   rig.Settle();
@@ -246,9 +246,12 @@ Result<std::vector<Metric>> FaultBackMetrics(BenchContext& ctx) {
                           "CPU sequential read of a migrated buffer (fault-around)", "GB/s",
                           double(seq_len) / Median(t_read) / 1e9, "memcpy from system memory",
                           double(seq_len) / Median(t_copy) / 1e9, 0.5);
+    const double limit = PageAllocationGbs(seq_len);
     m.detail = std::to_string(seq_len >> 20) + " MiB, one thread, fault window " +
-               std::to_string(rig.as->options().fault_window) + " pages, median of " +
-               std::to_string(rounds);
+               std::to_string(rig.as->options().fault_window) + " growing to " +
+               std::to_string(rig.as->options().fault_window_max) + " pages, median of " +
+               std::to_string(rounds) + "; kernel 4 KiB page allocation " + Fixed(limit) +
+               " GB/s, so " + Fixed(m.value / limit) + " of that ceiling";
     out.push_back(std::move(m));
   }
   return out;
@@ -297,8 +300,10 @@ Result<std::vector<Metric>> EvictMetrics(BenchContext& ctx) {
                         double(len) / Median(t_evict) / 1e9,
                         "memcpy, " + std::to_string(kEngineThreads) + " threads",
                         double(len) / Median(t_copy) / 1e9, 0.6);
+  const double limit = PageAllocationGbs(len);
   m.detail = std::to_string(len >> 20) + " MiB device, MigrateAllToRam, median of " +
-             std::to_string(rounds);
+             std::to_string(rounds) + "; kernel 4 KiB page allocation " + Fixed(limit) +
+             " GB/s, so " + Fixed(m.value / limit) + " of that ceiling";
   return std::vector<Metric>{std::move(m)};
 }
 
