@@ -267,6 +267,7 @@ MmMonitor::~MmMonitor() {
     stopping_ = true;
   }
   queue_cv_.NotifyAll();
+  fault_cv_.NotifyAll();
   if (event_thread_.joinable()) event_thread_.join();
   if (fault_thread_.joinable()) fault_thread_.join();
   if (wake_fd_ >= 0) {
@@ -554,7 +555,8 @@ void MmMonitor::ReaderLoop() {
         }
       }
     }
-    if (queued_event || queued_fault) queue_cv_.NotifyAll();
+    if (queued_event) queue_cv_.NotifyAll();
+    if (queued_fault) fault_cv_.NotifyOne();
   }
 }
 
@@ -622,7 +624,7 @@ void MmMonitor::FaultLoop() {
     alignas(8) uffd_msg msg;
     {
       MutexLock lock(queue_mu_);
-      queue_cv_.Wait(queue_mu_,
+      fault_cv_.Wait(queue_mu_,
                      [&]() REQUIRES(queue_mu_) { return stopping_ || !faults_.empty(); });
       if (stopping_) return;  // closing the userfaultfd releases the waiting threads
       Message* q = faults_.Pop();

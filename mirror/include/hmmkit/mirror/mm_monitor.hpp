@@ -220,7 +220,8 @@ class MmMonitor {
 
   // Queues between the reader and the dispatch threads.
   mutable Mutex queue_mu_ ACQUIRED_AFTER(reg_mu_);
-  CondVar queue_cv_;
+  CondVar queue_cv_;  // events_ and barriers: the event thread and Sync callers wait here
+  CondVar fault_cv_;  // faults_: the fault thread alone (a fault wakes no other thread)
   MessageQueue events_ GUARDED_BY(queue_mu_);
   MessageQueue faults_ GUARDED_BY(queue_mu_);
   Message* free_messages_ GUARDED_BY(queue_mu_) = nullptr;
