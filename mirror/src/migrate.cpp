@@ -196,7 +196,9 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
 
   std::vector<PageState> states(n);
   std::vector<DevicePageInfo> dev(n);
-  Status snap = as.SnapshotInVma(st->vma, m.start, m.end, states);
+  // Only system pages need the page-table walk: device pages are known from their entries (a
+  // CPU fault-back of one page skips a PAGEMAP_SCAN).
+  Status snap = system_ok ? as.SnapshotInVma(st->vma, m.start, m.end, states) : Status::Ok();
   as.LookupDevicePages(m.start, m.end, dev);
   if (!snap.ok()) {
     m.state = st;
@@ -204,7 +206,9 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
     return snap;
   }
 
-  const auto internal = InternalMemory::Overlapping(m.start, m.end, own_stack, own_tcb);
+  const std::vector<std::pair<uintptr_t, uintptr_t>> internal =
+      system_ok ? InternalMemory::Overlapping(m.start, m.end, own_stack, own_tcb)
+                : std::vector<std::pair<uintptr_t, uintptr_t>>{};
   std::vector<uint8_t> present(n, 0);
   for (size_t i = 0; i < n; ++i) {
     const uintptr_t va = m.start + i * page;
