@@ -471,15 +471,16 @@ static Status MigrateRangeToRam(AddressSpace& as, DevicePagemap& pm, uintptr_t s
   if (pm.kind() == PageKind::kDevicePrivate && pm.HostReadable()) {
     // Host-visible device memory: the "system page" each entry copies from is the device page's
     // own CPU mapping; MigrateVmaPages copies runs of them with UFFDIO_COPY.
-    size_t pages = 0;
-    for (size_t i = 0; i < n; ++i) {
-      if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
-      m.dst[i] = migrate_pfn::FromSystem(pm.PageData(migrate_pfn::DeviceId(m.src[i])));
-      ++pages;
-    }
+    for (size_t i = 0; i < n; ++i)
+      if (m.src[i] & migrate_pfn::kMigrate)
+        m.dst[i] = migrate_pfn::FromSystem(pm.PageData(migrate_pfn::DeviceId(m.src[i])));
     Status st = MigrateVmaPages(m);
-    MigrateVmaFinalize(m);
+    size_t pages = 0;  // committed: still selected after the commit
+    for (size_t i = 0; i < n; ++i) pages += (m.src[i] & migrate_pfn::kMigrate) ? 1 : 0;
+    // Before Finalize: it wakes the faulting threads, after which the device (and pm) may be
+    // destroyed by the program.
     if (pages > 0) pm.CopiedToRam(pages);
+    MigrateVmaFinalize(m);
     return st;
   }
   Status st = MigrateVmaAllocSystemPages(m);

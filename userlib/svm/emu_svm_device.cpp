@@ -3,8 +3,18 @@
 // memory with eviction, and the CPU DMA engine.
 //
 // Threads and locks:
-//   compute units  one thread per unit during a Launch; each holds its MMU AccessGuard only around
-//                  translate + access, never while waiting for a fault.
+//   compute units  one thread per unit during a Launch. A unit takes its MMU AccessGuard at its
+//                  first access of a grain (a run of indices) and keeps it, with a micro-TLB of the
+//                  pages it used under it, until the grain ends: a hit costs no lock and no walk.
+//                  It releases the guard before it raises a fault and waits, yields it (dropping
+//                  the micro-TLB) at any access that finds a mapping change waiting, and releases
+//                  it when the kernel calls back into the Device (stats() & co. may wait for a
+//                  change). So a unit waits only inside k's accesses, and a change waits at most
+//                  until every unit's next access or the end of its grain.
+//                  The rule for kernels this brings: between accesses, kernel code must not block
+//                  on anything that could wait for a device mapping change (a CPU thread touching
+//                  memory on the device, a lock such a thread holds, another work item's progress
+//                  made outside k). Waiting through k (spinning on k.AtomicAdd) is fine.
 //   fault service  one thread: pops fault batches and calls SvmManager::HandleFault (which takes
 //                  its locks, migrates, then maps through MapPages -> DeviceMmu::Update).
 //   invalidations  SvmManager::Invalidate -> UnmapPages -> DeviceMmu::Unmap, on whatever thread
@@ -22,9 +32,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdlib>
 #include <deque>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -104,22 +116,125 @@ uint64_t AtomicOn(void* where, size_t size, KernelContext::AtomicOp op, uint64_t
 constexpr uintptr_t kCounterRegion = uintptr_t(64) << 10;
 
 class EmuSvmDevice;
+class EmuKernelContext;
 
-// A compute unit's view during a launch.
+// The context of the compute unit running on this thread, if any: Device calls made from a kernel
+// release its guard first (they may wait for a mapping change, which waits for the guard).
+thread_local EmuKernelContext* t_unit = nullptr;
+
+// A compute unit's view during a launch. It keeps its MMU guard from its first access until the
+// end of the grain (or a fault, or a yield), and a micro-TLB of the 4 KiB pages it used under that
+// guard: a hit is a tag compare and a pointer add. Every line is dropped whenever the guard is
+// released or yielded, so no translation outlives the guard that produced it (mmu.hpp).
 class EmuKernelContext final : public KernelContext {
  public:
-  EmuKernelContext(EmuSvmDevice& dev, unsigned cu) : KernelContext(cu), dev_(dev) {}
-  void Access(uintptr_t va, size_t size, uint64_t* value, bool write) override;
+  EmuKernelContext(EmuSvmDevice& dev, unsigned cu) : KernelContext(cu), dev_(dev) { Drop(); }
+
+  // The fast path: a local (device-memory) page with the permission, cached under the guard held
+  // now, and no mapping change waiting. Everything else (misaligned included: its key has low
+  // bits, which no tag has) takes AccessSlow.
+  void Access(uintptr_t va, size_t size, uint64_t* value, bool write) override {
+    const uintptr_t key = va & (~(kPage - 1) | (size - 1));
+    const uintptr_t* tags = fast_[write ? 1 : 0];
+    static_assert(kLines == 4);
+    const int i = tags[0] == key   ? 0
+                  : tags[1] == key ? 1
+                  : tags[2] == key ? 2
+                  : tags[3] == key ? 3
+                                   : -1;
+    if (i < 0 || guard_->ShouldYield()) return AccessSlow(va, size, value, write);
+    char* p = lines_[i].host + (va - key);
+    if (size == 4) {
+      write ? std::memcpy(p, value, 4) : std::memcpy(value, p, 4);
+      return;
+    }
+    Copy(p, size, value, write);
+  }
   uint64_t Atomic(uintptr_t va, size_t size, AtomicOp op, uint64_t a, uint64_t b) override;
+
+  // Drops the micro-TLB and the guard. The unit's own thread calls it at the end of every grain
+  // and before it exits (a guard is released by the thread that took it).
+  void Release() {
+    Drop();
+    guard_.reset();
+  }
+  bool failed() const { return failed_; }
   const Status& error() const { return error_; }
+  static void ReleaseCallersGuard() {
+    if (t_unit != nullptr) t_unit->Release();
+  }
 
  private:
+  struct Line {
+    uintptr_t page;
+    char* host;     // the page's bytes: in the device-memory arena, or its CPU address
+    uint8_t perms;  // emu::Perm bits of the leaf
+    bool remote;    // system memory: checked copies, access counters
+  };
+  // Matches no key: keys have page bits (>= 12) and misalignment bits (< 3) only.
+  static constexpr uintptr_t kNoPage = 0x800;
+  static constexpr unsigned kLines = 4;  // vector_add streams 3 arrays
+
+  static void Copy(char* p, size_t size, uint64_t* value, bool write) {
+    // Constant sizes: inline moves instead of a memcpy call.
+    switch (size) {
+      case 1:
+        write ? std::memcpy(p, value, 1) : std::memcpy(value, p, 1);
+        break;
+      case 2:
+        write ? std::memcpy(p, value, 2) : std::memcpy(value, p, 2);
+        break;
+      case 4:
+        write ? std::memcpy(p, value, 4) : std::memcpy(value, p, 4);
+        break;
+      default:
+        write ? std::memcpy(p, value, 8) : std::memcpy(value, p, 8);
+        break;
+    }
+  }
+  void Drop() {
+    for (unsigned i = 0; i < kLines; ++i) {
+      lines_[i].page = kNoPage;
+      fast_[0][i] = fast_[1][i] = kNoPage;
+    }
+  }
+  // Before every slow access (the fast path checks on its own): a waiting mapping change must
+  // not wait for the end of our grain.
+  void MaybeYield() {
+    if (guard_ && guard_->ShouldYield()) {
+      Drop();
+      guard_->Yield();
+    }
+  }
+  int Find(uintptr_t va, emu::Access access) const {
+    const uintptr_t page = va & ~(kPage - 1);
+    const uint8_t need = uint8_t(emu::RequiredPerms(access));
+    for (unsigned i = 0; i < kLines; ++i)
+      if (lines_[i].page == page && (lines_[i].perms & need) == need) return int(i);
+    return -1;
+  }
+  [[gnu::noinline]] void AccessSlow(uintptr_t va, size_t size, uint64_t* value, bool write);
+  int Fill(uintptr_t va, emu::Access access);
+  void Fail(Status st) {
+    Drop();  // the fast path must not run after a failure
+    error_ = std::move(st);
+    failed_ = true;
+  }
+
   EmuSvmDevice& dev_;
+  std::optional<emu::DeviceMmu::AccessGuard> guard_;
+  std::array<Line, kLines> lines_;
+  // Per access (read, write): each line's page when the fast path may serve it, else kNoPage.
+  uintptr_t fast_[2][kLines];
+  unsigned next_line_ = 0;  // round-robin replacement
+  bool failed_ = false;
   Status error_ = Status::Ok();
 };
 
 class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
  public:
+  friend class EmuKernelContext;
+
   static std::pair<uintptr_t, uintptr_t> Pages(const void* p, size_t len) {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     return {a & ~(kPage - 1), (a + len + kPage - 1) & ~(kPage - 1)};
@@ -161,19 +276,25 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     for (unsigned cu = 0; cu < units; ++cu)
       ctx.push_back(std::make_unique<EmuKernelContext>(*this, cu));
     std::atomic<size_t> next{0};
-    constexpr size_t kGrain = 256;  // indices a unit takes at a time
+    // Indices a unit takes at a time: each grain re-takes the guard and refills the micro-TLB, so
+    // large launches use large grains (still 16 or more per unit, for balance).
+    const size_t grain = std::clamp<size_t>(n / (size_t(units) * 16), 256, 16384);
     std::vector<std::thread> threads;
     for (unsigned cu = 0; cu < units; ++cu) {
       threads.emplace_back([&, cu] {
         InternalThreadScope internal;  // a migration never takes a compute unit's stack
         EmuKernelContext& k = *ctx[cu];
+        t_unit = &k;
         for (;;) {
-          const size_t first = next.fetch_add(kGrain);
-          if (first >= n) return;
-          for (size_t i = first; i < std::min(n, first + kGrain) && k.error().ok(); ++i)
-            kernel(k, i);
-          if (!k.error().ok()) return;
+          const size_t first = next.fetch_add(grain);
+          if (first >= n) break;
+          const size_t last = std::min(n, first + grain);
+          for (size_t i = first; i < last && !k.failed(); ++i) kernel(k, i);
+          k.Release();  // bounded hold: a grain at most
+          if (k.failed()) break;
         }
+        k.Release();
+        t_unit = nullptr;
       });
     }
     for (auto& t : threads) t.join();
@@ -183,12 +304,14 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   }
 
   Status Prefetch(const void* p, size_t len, Location to) override {
+    EmuKernelContext::ReleaseCallersGuard();
     if (len == 0) return Status::Ok();
     auto [s, e] = Pages(p, len);
     return to == Location::kDevice ? svm_->PrefetchToDevice(s, e) : svm_->Evict(s, e);
   }
 
   Status Advise(const void* p, size_t len, Advice advice, Location where) override {
+    EmuKernelContext::ReleaseCallersGuard();
     if (len == 0) return Status::FromErrno(EINVAL, "Advise: empty range");
     driver::SvmAdvice a;
     switch (advice) {
@@ -215,6 +338,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   }
 
   Result<Residency> QueryResidency(const void* p, size_t len) override {
+    EmuKernelContext::ReleaseCallersGuard();
     if (len == 0) return Status::FromErrno(EINVAL, "QueryResidency: empty range");
     auto [s, e] = Pages(p, len);
     auto vmas = as_->FindVmas(s, e);
@@ -240,6 +364,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   }
 
   DeviceStats stats() const override {
+    EmuKernelContext::ReleaseCallersGuard();  // SvmManager::stats takes the lock MapPages holds
     DeviceStats d;
     const auto s = svm_->stats();
     const auto q = faults_.stats();
@@ -271,48 +396,6 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   void UnmapPages(uintptr_t start, uintptr_t end) override {
     Status st = mmu_.Unmap(start, end - start);
     if (!st.ok()) Log().error("{}: device unmap {:#x}-{:#x}: {}", name_, start, end, st.ToString());
-  }
-
-  // ---- compute-unit side
-  // -------------------------------------------------------------------------
-  Status AccessOnce(unsigned cu, uintptr_t va, size_t size, uint64_t* value, bool write) {
-    const emu::Access access = write ? emu::Access::kWrite : emu::Access::kRead;
-    for (int round = 0;; ++round) {
-      {
-        emu::DeviceMmu::AccessGuard guard = mmu_.BeginAccess(cu);
-        Result<emu::Translation> t = guard.Translate(va, access);
-        if (t.ok()) return Touch(*t, va, size, value, write);
-        if (t.errno_value() != EFAULT && t.errno_value() != EPERM) return t.status();
-      }  // released: the driver maps while we wait
-      if (round == 64)
-        return Status::FromErrno(EIO, fmt::format("device access at {:#x} kept faulting", va));
-      Status st = faults_.RaiseAndWait({.va = va, .access = access, .cu = cu});
-      if (!st.ok()) return st;
-    }
-  }
-
-  Result<uint64_t> AtomicOnce(unsigned cu, uintptr_t va, size_t size, KernelContext::AtomicOp op,
-                              uint64_t a, uint64_t b) {
-    for (int round = 0;; ++round) {
-      {
-        emu::DeviceMmu::AccessGuard guard = mmu_.BeginAccess(cu);
-        Result<emu::Translation> t = guard.Translate(va, emu::Access::kAtomic);
-        if (t.ok()) {
-          atomics_.fetch_add(1, std::memory_order_relaxed);
-          if (t->pte.target_kind == emu::Target::kLocal)
-            return AtomicOn(
-                static_cast<char*>(memory_->PageData(t->LocalPage(va))) + (va & (kPage - 1)), size,
-                op, a, b);
-          CountRemote(va);
-          return AtomicOn(reinterpret_cast<void*>(t->CpuAddress(va)), size, op, a, b);
-        }
-        if (t.errno_value() != EFAULT && t.errno_value() != EPERM) return t.status();
-      }
-      if (round == 64)
-        return Status::FromErrno(EIO, fmt::format("device atomic at {:#x} kept faulting", va));
-      Status st = faults_.RaiseAndWait({.va = va, .access = emu::Access::kAtomic, .cu = cu});
-      if (!st.ok()) return st;
-    }
   }
 
  private:
@@ -384,30 +467,6 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
       out.push_back(svm_->HandleFault(f.va, write));
     }
     return out;
-  }
-
-  // Under the guard: the translation stays valid until the guard is released.
-  Status Touch(const emu::Translation& t, uintptr_t va, size_t size, uint64_t* value, bool write) {
-    switch (t.pte.target_kind) {
-      case emu::Target::kLocal: {
-        char* p = static_cast<char*>(memory_->PageData(t.LocalPage(va))) + (va & (kPage - 1));
-        write ? std::memcpy(p, value, size) : std::memcpy(value, p, size);
-        return Status::Ok();
-      }
-      case emu::Target::kSystem:
-      case emu::Target::kExclusive: {
-        CountRemote(va);
-        // Remote access to system memory: checked, so a page unmapped behind the device's back is
-        // a device error, not a crash.
-        iovec local{value, size}, remote{reinterpret_cast<void*>(t.CpuAddress(va)), size};
-        const ssize_t done = write ? ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0)
-                                   : ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
-        if (done == ssize_t(size)) return Status::Ok();
-        return Status::FromErrno(EFAULT,
-                                 fmt::format("device access at {:#x}: system page gone", va));
-      }
-    }
-    return Status::FromErrno(EINVAL, "unknown translation target");
   }
 
   // A remote access by a compute unit (its guard held): counts it, and queues the region for the
@@ -494,27 +553,86 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   Mutex launch_mu_;
 };
 
-void EmuKernelContext::Access(uintptr_t va, size_t size, uint64_t* value, bool write) {
-  if (!error_.ok()) return;
-  if (va % size != 0) {
-    error_ = Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte access at {:#x}", size, va));
+// Translates under the guard (taking it if needed) and installs the page in a line; on a miss,
+// releases the guard, raises a fault, waits for it and replays. -1 after a failure (recorded).
+int EmuKernelContext::Fill(uintptr_t va, emu::Access access) {
+  for (int round = 0;; ++round) {
+    if (!guard_) guard_.emplace(dev_.mmu_.BeginAccess(compute_unit()));
+    Result<emu::Translation> t = guard_->Translate(va, access);
+    if (t.ok()) {
+      const uintptr_t page = va & ~(kPage - 1);
+      unsigned i = next_line_;
+      for (unsigned j = 0; j < kLines; ++j)
+        if (lines_[j].page == page) i = j;  // a weaker line for the page: replace it
+      if (i == next_line_) next_line_ = (next_line_ + 1) % kLines;
+      Line& l = lines_[i];
+      l.page = page;
+      l.perms = uint8_t(t->pte.perms);
+      l.remote = t->pte.target_kind != emu::Target::kLocal;
+      l.host = l.remote ? reinterpret_cast<char*>(t->CpuAddress(page))
+                        : static_cast<char*>(dev_.memory_->PageData(t->LocalPage(page)));
+      const bool r = !l.remote && emu::HasPerms(t->pte.perms, emu::Perm::kRead);
+      const bool w = !l.remote && emu::HasPerms(t->pte.perms, emu::Perm::kWrite);
+      fast_[0][i] = r ? page : kNoPage;
+      fast_[1][i] = w ? page : kNoPage;
+      return int(i);
+    }
+    if (t.errno_value() != EFAULT && t.errno_value() != EPERM) {
+      Fail(t.status());
+      return -1;
+    }
+    Release();  // before waiting: the driver's Map waits for every guard
+    if (round == 64) {
+      Fail(Status::FromErrno(
+          EIO, fmt::format("device {} at {:#x} kept faulting",
+                           access == emu::Access::kAtomic ? "atomic" : "access", va)));
+      return -1;
+    }
+    Status st = dev_.faults_.RaiseAndWait({.va = va, .access = access, .cu = compute_unit()});
+    if (!st.ok()) {
+      Fail(std::move(st));
+      return -1;
+    }
+  }
+}
+
+void EmuKernelContext::AccessSlow(uintptr_t va, size_t size, uint64_t* value, bool write) {
+  if (failed_) return;
+  if ((va & (size - 1)) != 0) {  // size is a power of two (svm.hpp)
+    Fail(Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte access at {:#x}", size, va)));
     return;
   }
-  error_ = dev_.AccessOnce(compute_unit(), va, size, value, write);
+  MaybeYield();
+  const emu::Access access = write ? emu::Access::kWrite : emu::Access::kRead;
+  int i = Find(va, access);
+  if (i < 0 && (i = Fill(va, access)) < 0) return;
+  char* p = lines_[i].host + (va & (kPage - 1));
+  if (!lines_[i].remote) {
+    Copy(p, size, value, write);
+    return;
+  }
+  dev_.CountRemote(va);
+  // Remote access to system memory: checked, so a page unmapped behind the device's back is a
+  // device error, not a crash.
+  iovec local{value, size}, remote{p, size};
+  const ssize_t done = write ? ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0)
+                             : ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
+  if (done != ssize_t(size))
+    Fail(Status::FromErrno(EFAULT, fmt::format("device access at {:#x}: system page gone", va)));
 }
 
 uint64_t EmuKernelContext::Atomic(uintptr_t va, size_t size, AtomicOp op, uint64_t a, uint64_t b) {
-  if (!error_.ok()) return 0;
-  if (va % size != 0) {
-    error_ = Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte atomic at {:#x}", size, va));
+  if (failed_) return 0;
+  if ((va & (size - 1)) != 0) {
+    Fail(Status::FromErrno(EINVAL, fmt::format("misaligned {}-byte atomic at {:#x}", size, va)));
     return 0;
   }
-  auto old = dev_.AtomicOnce(compute_unit(), va, size, op, a, b);
-  if (!old.ok()) {
-    error_ = old.status();
-    return 0;
-  }
-  return *old;
+  MaybeYield();  // also what lets a kernel spin on an atomic while a change waits for its page
+  int i = Find(va, emu::Access::kAtomic);
+  if (i < 0 && (i = Fill(va, emu::Access::kAtomic)) < 0) return 0;
+  dev_.atomics_.fetch_add(1, std::memory_order_relaxed);
+  if (lines_[i].remote) dev_.CountRemote(va);
+  return AtomicOn(lines_[i].host + (va & (kPage - 1)), size, op, a, b);
 }
 
 }  // namespace

@@ -57,27 +57,24 @@ Status CheckInvalidateRange(uint64_t start, uint64_t end) {
 
 // ---- AccessGuard ----------------------------------------------------------------------------
 
-DeviceMmu::AccessGuard::AccessGuard(DeviceMmu& mmu, unsigned cu) : mmu_(mmu), cu_(cu) {}
+DeviceMmu::AccessGuard::AccessGuard(DeviceMmu& mmu, unsigned cu) : mmu_(&mmu), cu_(cu) {}
 
 // The lock was taken in BeginAccess; the analysis cannot follow a lock across a returned object.
 DeviceMmu::AccessGuard::~AccessGuard() NO_THREAD_SAFETY_ANALYSIS {
-  mmu_.mu_.unlock_shared();
-  mmu_.cus_[cu_]->busy.store(false, std::memory_order_release);
+  if (mmu_ == nullptr) return;  // moved from: the lock went with the move
+  mmu_->mu_.unlock_shared();
+  mmu_->cus_[cu_]->busy.store(false, std::memory_order_release);
   t_guard_held = false;
 }
 
 Result<Translation> DeviceMmu::AccessGuard::Translate(uint64_t va, Access access) {
-  mmu_.mu_.AssertReaderHeld();  // held since BeginAccess
-  return mmu_.TranslateLocked(*mmu_.cus_[cu_], va, access);
-}
-
-bool DeviceMmu::AccessGuard::ShouldYield() const {
-  return mmu_.mu_.WriterWaiting();
+  mmu_->mu_.AssertReaderHeld();  // held since BeginAccess
+  return mmu_->TranslateLocked(*mmu_->cus_[cu_], va, access);
 }
 
 void DeviceMmu::AccessGuard::Yield() NO_THREAD_SAFETY_ANALYSIS {
-  mmu_.mu_.unlock_shared();
-  mmu_.mu_.lock_shared();  // blocks while a writer waits: it goes first
+  mmu_->mu_.unlock_shared();
+  mmu_->mu_.lock_shared();  // blocks while a writer waits: it goes first
 }
 
 // ---- DeviceMmu ------------------------------------------------------------------------------

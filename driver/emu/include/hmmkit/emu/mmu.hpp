@@ -90,13 +90,18 @@ class DeviceMmu {
   };
 
   // What a compute unit holds while it translates and touches memory: the MMU lock, shared.
-  // Obtained from BeginAccess; released by the destructor. Not copyable, not movable; used by
-  // the thread that created it.
+  // Obtained from BeginAccess; released by the destructor. Not copyable. Movable, so that a unit
+  // can keep one across accesses (e.g. in a std::optional); the moved-from guard holds nothing
+  // and may only be destroyed. Used (and destroyed) by the thread that created it.
   class [[nodiscard]] AccessGuard {
    public:
     ~AccessGuard();
+    AccessGuard(AccessGuard&& other) noexcept : mmu_(other.mmu_), cu_(other.cu_) {
+      other.mmu_ = nullptr;
+    }
     AccessGuard(const AccessGuard&) = delete;
     AccessGuard& operator=(const AccessGuard&) = delete;
+    AccessGuard& operator=(AccessGuard&&) = delete;
 
     // Translates device address va for an access of kind `access`: the compute unit's TLB, else a
     // page-table walk that fills the TLB. The translation is valid until this guard is released
@@ -105,8 +110,9 @@ class DeviceMmu {
     // EPERM when the leaf lacks RequiredPerms(access) (a fault may upgrade it, or it is final).
     Result<Translation> Translate(uint64_t va, Access access);
 
-    // True when a mapping change waits for this guard (a hint; see Yield).
-    bool ShouldYield() const;
+    // True when a mapping change waits for this guard (a hint; see Yield). One relaxed atomic
+    // load, inline: a unit that keeps its guard across accesses asks before each one.
+    bool ShouldYield() const { return mmu_->mu_.WriterWaiting(); }
     // Releases the lock and takes it again, letting a waiting mapping change run first. Every
     // translation obtained before is void afterwards.
     void Yield();
@@ -117,8 +123,8 @@ class DeviceMmu {
     friend class DeviceMmu;
     AccessGuard(DeviceMmu& mmu, unsigned cu);
 
-    DeviceMmu& mmu_;
-    const unsigned cu_;
+    DeviceMmu* mmu_;  // null once moved from
+    unsigned cu_;
   };
 
   explicit DeviceMmu(const Options& options);
