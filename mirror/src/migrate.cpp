@@ -362,8 +362,10 @@ Status MigrateVmaPages(MigrateVma& m) {
   ForEachRun(
       n,
       [&](size_t i) {
-        return go[i] != 0 && static_cast<char*>(migrate_pfn::SystemAddress(m.dst[i])) ==
-                                 static_cast<char*>(st.staging) + i * page;
+        // No staging at all when the pages come straight from host-visible device memory.
+        return go[i] != 0 && st.staging != nullptr &&
+               static_cast<char*>(migrate_pfn::SystemAddress(m.dst[i])) ==
+                   static_cast<char*>(st.staging) + i * page;
       },
       [&](size_t i, size_t k) {
         const uintptr_t va = m.start + i * page;

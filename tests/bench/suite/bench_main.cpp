@@ -171,7 +171,7 @@ std::string ToJson(const std::vector<Metric>& metrics, bool quick, double second
 
 void BenchUsage(FILE* out, const char* indent) {
   std::fprintf(out,
-               "%s[--quick] [--json FILE] [--filter SUBSTR] [--list]\n"
+               "%s[--quick] [--json FILE] [--filter SUBSTR[,SUBSTR...]] [--list]\n"
                "%sruns the benchmark suite: each metric against a baseline measured in the same "
                "run\n"
                "%s(ratio: higher is better); --quick finishes in under a minute\n",
@@ -205,9 +205,19 @@ int BenchMain(std::span<char* const> args) {
     }
   }
   std::vector<const BenchSpec*> chosen;
+  // --filter a,b: the groups whose name contains any of the comma-separated parts.
+  auto matches = [&](std::string_view name) {
+    if (filter.empty()) return true;
+    for (size_t pos = 0; pos <= filter.size();) {
+      const size_t comma = std::min(filter.find(',', pos), filter.size());
+      const std::string_view part(filter.data() + pos, comma - pos);
+      if (!part.empty() && name.find(part) != std::string_view::npos) return true;
+      pos = comma + 1;
+    }
+    return false;
+  };
   for (const BenchSpec& s : AllBenches())
-    if (filter.empty() || std::string_view(s.name).find(filter) != std::string_view::npos)
-      chosen.push_back(&s);
+    if (matches(s.name)) chosen.push_back(&s);
   if (list) {
     for (const BenchSpec* s : chosen) std::printf("%-22s %s\n", s->name, s->summary);
     return 0;
