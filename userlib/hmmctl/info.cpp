@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "hmmctl.hpp"
+#include "hmmkit/base/json.hpp"
 #include "hmmkit/drm/discovery.hpp"
 #include "hmmkit/mirror/kernel_features.hpp"
 #include "hmmkit/mirror/uapi.hpp"
@@ -140,45 +141,6 @@ void PrintText(const KernelFeatures& f) {
 }
 
 // ---- JSON -------------------------------------------------------------------------------------
-
-std::string JsonString(std::string_view s) {
-  std::string out = "\"";
-  for (char ch : s) {
-    auto c = static_cast<unsigned char>(ch);
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      case '\r':
-        out += "\\r";
-        break;
-      case '\t':
-        out += "\\t";
-        break;
-      case '\b':
-        out += "\\b";
-        break;
-      case '\f':
-        out += "\\f";
-        break;
-      default:
-        if (c < 0x20 || c == 0x7f) {
-          char buf[8];
-          std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-          out += buf;
-        } else {
-          out += ch;  // UTF-8 passes through
-        }
-    }
-  }
-  return out + "\"";
-}
 
 // Writes `"key": value` pairs with commas and indentation; values are already JSON.
 class JsonObject {

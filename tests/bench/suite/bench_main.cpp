@@ -11,35 +11,14 @@
 
 #include "bench_suite.hpp"
 #include "bench_util.hpp"
+#include "hmmkit/base/json.hpp"
 #include "hmmkit/mirror/kernel_features.hpp"
 
 namespace hmmkit::bench {
 namespace {
 
 void AppendJsonString(std::string& out, std::string_view s) {
-  out += '"';
-  for (char c : s) {
-    switch (c) {
-      case '"':
-        out += "\\\"";
-        break;
-      case '\\':
-        out += "\\\\";
-        break;
-      case '\n':
-        out += "\\n";
-        break;
-      default:
-        if (static_cast<unsigned char>(c) < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", unsigned(c));
-          out += buf;
-        } else {
-          out += c;
-        }
-    }
-  }
-  out += '"';
+  out += JsonString(s);
 }
 
 void AppendJsonNumber(std::string& out, double v) {
@@ -100,32 +79,28 @@ void PrintTable(const std::vector<Metric>& ms) {
 
 }  // namespace
 
+namespace {
+
+Metric MakeMetric(std::string name, std::string title, std::string unit, double value,
+                  std::string baseline_name, double baseline, std::optional<double> target,
+                  double ratio) {
+  return Metric{
+      std::move(name), std::move(title), value, std::move(unit), std::move(baseline_name), baseline,
+      ratio,           target,           {}};
+}
+
+}  // namespace
+
 Metric RateMetric(std::string name, std::string title, std::string unit, double value,
                   std::string baseline_name, double baseline, std::optional<double> target) {
-  Metric m{std::move(name),
-           std::move(title),
-           value,
-           std::move(unit),
-           std::move(baseline_name),
-           baseline,
-           value / baseline,
-           target,
-           {}};
-  return m;
+  return MakeMetric(std::move(name), std::move(title), std::move(unit), value,
+                    std::move(baseline_name), baseline, target, value / baseline);
 }
 
 Metric CostMetric(std::string name, std::string title, std::string unit, double value,
                   std::string baseline_name, double baseline, std::optional<double> target) {
-  Metric m{std::move(name),
-           std::move(title),
-           value,
-           std::move(unit),
-           std::move(baseline_name),
-           baseline,
-           baseline / value,
-           target,
-           {}};
-  return m;
+  return MakeMetric(std::move(name), std::move(title), std::move(unit), value,
+                    std::move(baseline_name), baseline, target, baseline / value);
 }
 
 std::string ToJson(const std::vector<Metric>& metrics, bool quick, double seconds) {

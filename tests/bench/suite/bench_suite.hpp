@@ -53,9 +53,9 @@ struct BenchSpec {
 // The metric groups, in the order they run (bench_specs.cpp).
 std::span<const BenchSpec> AllBenches();
 
-// `hmmctl bench [--quick] [--json FILE] [--filter SUBSTR[,SUBSTR...]] [--list]`: runs the suite, prints the
-// table to stdout, progress to stderr, writes the JSON. Returns 0 when every metric ran and
-// checked its data, 1 when one failed, 2 for a usage error.
+// `hmmctl bench [--quick] [--json FILE] [--filter SUBSTR[,SUBSTR...]] [--list]`: runs the suite,
+// prints the table to stdout, progress to stderr, writes the JSON. Returns 0 when every metric ran
+// and checked its data, 1 when one failed, 2 for a usage error.
 int BenchMain(std::span<char* const> args);
 void BenchUsage(FILE* out, const char* indent);
 
