@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -39,6 +41,11 @@ class TestPagemap : public DevicePagemap {
   ~TestPagemap() override {
     if (as_) {
       EXPECT_TRUE(MigrateAllToRam(*as_, *this).ok());
+      // The pgmap lifetime rule: also wait for references still being dropped. A fault-back's
+      // Finalize puts its pages after the faulting thread may already have run on (and the test
+      // ended). Bounded: a test may keep pages allocated on purpose.
+      std::unique_lock<std::mutex> l(mu_);
+      freed_cv_.wait_for(l, std::chrono::seconds(5), [&] { return free_.size() == size_; });
     }
     munmap(base_, size_ * page_);
     close(fd_);
@@ -52,6 +59,7 @@ class TestPagemap : public DevicePagemap {
       std::lock_guard<std::mutex> l(mu_);
       free_.push_back(id);
       frees++;
+      freed_cv_.notify_all();  // under mu_: the destructor may free the cv once it sees this
     }
   }
   void* PageData(uint64_t id) override { return base_ + id * page_; }
@@ -91,6 +99,7 @@ class TestPagemap : public DevicePagemap {
   char* base_ = nullptr;
   std::vector<std::atomic<int>> refs_;
   std::mutex mu_;
+  std::condition_variable freed_cv_;
   std::vector<uint64_t> free_;
 };
 
