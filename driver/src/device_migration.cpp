@@ -56,7 +56,24 @@ Status AllocateDestinations(DeviceMemory& mem, MigrateVma& m) {
 
 // One descriptor per run of pages that are contiguous on both sides: a 2 MiB chunk is one copy
 // (the engine splits it over its workers), not 512 of them, each with its own checked system
-// access.
+// access. kind(i) is 0 for a page that does not move, else a class a run keeps (copy or fill);
+// fn(i, k) gets each maximal run [i, i + k) whose `to` and `from` addresses both advance by a page.
+template <class Kind, class To, class From, class Fn>
+void ForEachJointRun(size_t n, Kind kind, To to, From from, Fn fn) {
+  const size_t page = PageSize();
+  for (size_t i = 0; i < n;) {
+    const int c = kind(i);
+    if (c == 0) {
+      ++i;
+      continue;
+    }
+    size_t j = i + 1;
+    while (j < n && kind(j) == c && to(j) == to(j - 1) + page && from(j) == from(j - 1) + page) ++j;
+    fn(i, j - i);
+    i = j;
+  }
+}
+
 struct Run {
   size_t first = 0, count = 0;  // page indices [first, first + count) of the migration
 };
@@ -70,26 +87,24 @@ Status CopyToDevice(DeviceMemory& mem, dma::DmaEngine& dma, MigrateVma& m) {
   auto device = [&](size_t i) {
     return static_cast<char*>(mem.PageData(migrate_pfn::DeviceId(m.dst[i])));
   };
-  auto system = [&](size_t i) { return static_cast<char*>(migrate_pfn::SystemAddress(m.src[i])); };
-  for (size_t i = 0; i < m.npages;) {
-    if (!(m.src[i] & migrate_pfn::kMigrate) || !(m.dst[i] & migrate_pfn::kValid)) {
-      ++i;
-      continue;
-    }
-    const bool fill = !(m.src[i] & migrate_pfn::kValid);
-    size_t j = i + 1;
-    while (j < m.npages && (m.src[j] & migrate_pfn::kMigrate) && (m.dst[j] & migrate_pfn::kValid) &&
-           !(m.src[j] & migrate_pfn::kValid) == fill && device(j) == device(j - 1) + page &&
-           (fill || system(j) == system(j - 1) + page))
-      ++j;
+  enum : int { kStays, kCopy, kFill };
+  auto kind = [&](size_t i) {
+    if (!(m.src[i] & migrate_pfn::kMigrate) || !(m.dst[i] & migrate_pfn::kValid)) return +kStays;
+    return (m.src[i] & migrate_pfn::kValid) ? +kCopy : +kFill;
+  };
+  // A fill has no source: its "source" advances with the destination.
+  auto source = [&](size_t i) {
+    return kind(i) == kCopy ? static_cast<const char*>(migrate_pfn::SystemAddress(m.src[i]))
+                            : static_cast<const char*>(device(i));
+  };
+  ForEachJointRun(m.npages, kind, device, source, [&](size_t i, size_t k) {
     dma::Endpoint to{device(i), dma::Memory::kDevice};
-    const size_t len = (j - i) * page;
-    batch.push_back(
-        fill ? dma::Descriptor::Fill(to, 0, len)
-             : dma::Descriptor::Copy(to, dma::ConstEndpoint(system(i), dma::Memory::kSystem), len));
-    runs.push_back({i, j - i});
-    i = j;
-  }
+    batch.push_back(kind(i) == kFill
+                        ? dma::Descriptor::Fill(to, 0, k * page)
+                        : dma::Descriptor::Copy(
+                              to, dma::ConstEndpoint(source(i), dma::Memory::kSystem), k * page));
+    runs.push_back({i, k});
+  });
   if (batch.empty()) return Status::Ok();
   auto drop = [&](const Run& r) {
     for (size_t i = r.first; i < r.first + r.count; ++i) {
@@ -168,20 +183,13 @@ Result<DeviceMigrationResult> MigrateToSystem(AddressSpace& as, DeviceMemory& me
     auto staging = [&](size_t i) {
       return static_cast<char*>(migrate_pfn::SystemAddress(m.dst[i]));
     };
-    for (size_t i = 0; i < n;) {
-      if (!(m.src[i] & migrate_pfn::kMigrate)) {
-        ++i;
-        continue;
-      }
-      size_t j = i + 1;
-      while (j < n && (m.src[j] & migrate_pfn::kMigrate) && device(j) == device(j - 1) + page &&
-             staging(j) == staging(j - 1) + page)
-        ++j;
-      batch.push_back(dma::Descriptor::Copy(dma::Endpoint{staging(i), dma::Memory::kSystem},
-                                            dma::ConstEndpoint(device(i), dma::Memory::kDevice),
-                                            (j - i) * page));
-      i = j;
-    }
+    ForEachJointRun(
+        n, [&](size_t i) { return (m.src[i] & migrate_pfn::kMigrate) ? 1 : 0; }, staging, device,
+        [&](size_t i, size_t k) {
+          batch.push_back(dma::Descriptor::Copy(dma::Endpoint{staging(i), dma::Memory::kSystem},
+                                                dma::ConstEndpoint(device(i), dma::Memory::kDevice),
+                                                k * page));
+        });
     auto fence = dma.Submit(batch);
     st = fence.ok() ? fence->Wait() : fence.status();
     if (!st.ok()) std::fill(m.dst.begin(), m.dst.end(), 0);  // nothing commits

@@ -313,33 +313,47 @@ TEST_F(MigrateTest, FaultWindowOfOneBringsBackOnlyTheFaultingPage) {
   EXPECT_EQ(as_->device_page_count(), 7u);
 }
 
-// Given a 16-page buffer on the device, with a fault window of 1 growing to 8 for streams
-class StreamWindowTest : public MigrateTest,
-                         public ::testing::WithParamInterface<bool /*backwards*/> {};
-
-TEST_P(StreamWindowTest, SequentialFaultsDoubleTheWindowUpToTheMaximum) {
-  options_.fault_window = 1;
-  options_.fault_window_max = 8;
-  as_ = MakeAddressSpace(options_);
-  const size_t n = 16;
-  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  madvise(m.data(), m.size(), MADV_NOHUGEPAGE);
-  Fill(m, n, 5);
-  TestPagemap pm(n, PageKind::kDevicePrivate, &owner_a, as_.get());
-  {
-    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
+// Given a 16-page buffer (4 KiB pages) on the device, with a fault window of 1 growing to 8 for
+// streams
+class StreamWindowTest : public MigrateTest {
+ protected:
+  static constexpr size_t kPages = 16;
+  void SetUp() override {
+    options_.fault_window = 1;
+    options_.fault_window_max = 8;
+    MigrateTest::SetUp();
+    if (IsSkipped()) return;
+    madvise(m_.data(), m_.size(), MADV_NOHUGEPAGE);
+    Fill(m_, kPages, 5);
+    pm_ = std::make_unique<TestPagemap>(kPages, PageKind::kDevicePrivate, &owner_a, as_.get());
+    Status mst = MigrateToDevice(*as_, *pm_, m_.addr(), m_.end());
     ASSERT_TRUE(mst.ok()) << mst.ToString();
+    ASSERT_EQ(as_->device_page_count(), kPages);
   }
-  ASSERT_EQ(as_->device_page_count(), n);
-  // When the CPU reads it page by page, in one direction
+  void TearDown() override {
+    pm_.reset();  // before the address space (the pgmap lifetime rule)
+    MigrateTest::TearDown();
+  }
+  // Reads page i on the CPU; returns how many pages are still on the device afterwards.
+  size_t Read(size_t i) {
+    EXPECT_TRUE(Check(m_.page(i), 1, 5, i)) << "page " << i;
+    return as_->device_page_count();
+  }
+
+  Mapping m_{kPages * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS};
+  std::unique_ptr<TestPagemap> pm_;  // made once the address space exists
+};
+
+class StreamDirectionTest : public StreamWindowTest,
+                            public ::testing::WithParamInterface<bool /*backwards*/> {};
+
+TEST_P(StreamDirectionTest, SequentialFaultsDoubleTheWindowUpToTheMaximum) {
+  // When the CPU reads the buffer page by page, in one direction
   const bool backwards = GetParam();
   const uint64_t faults = as_->monitor()->stats().faults;
   std::vector<size_t> on_device_after;
-  for (size_t k = 0; k < n; ++k) {
-    const size_t i = backwards ? n - 1 - k : k;
-    ASSERT_TRUE(Check(m.page(i), 1, 5, i)) << "page " << i;
-    on_device_after.push_back(as_->device_page_count());
-  }
+  for (size_t k = 0; k < kPages; ++k)
+    on_device_after.push_back(Read(backwards ? kPages - 1 - k : k));
   // Then windows of 1, 2, 4, 8 and the last page came back: 5 faults, not 16
   EXPECT_EQ(as_->monitor()->stats().faults - faults, 5u);
   EXPECT_EQ(on_device_after[0], 15u);
@@ -349,27 +363,14 @@ TEST_P(StreamWindowTest, SequentialFaultsDoubleTheWindowUpToTheMaximum) {
   EXPECT_EQ(on_device_after[15], 0u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Directions, StreamWindowTest, ::testing::Values(false, true),
+INSTANTIATE_TEST_SUITE_P(Directions, StreamDirectionTest, ::testing::Values(false, true),
                          [](const auto& p) { return p.param ? "Backwards" : "Forwards"; });
 
-TEST_F(MigrateTest, ARandomFaultStartsAgainFromTheBaseWindow) {
-  options_.fault_window = 1;
-  options_.fault_window_max = 8;
-  as_ = MakeAddressSpace(options_);
-  const size_t n = 16;
-  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  Fill(m, n, 6);
-  TestPagemap pm(n, PageKind::kDevicePrivate, &owner_a, as_.get());
-  {
-    Status mst = MigrateToDevice(*as_, pm, m.addr(), m.end());
-    ASSERT_TRUE(mst.ok()) << mst.ToString();
-  }
+TEST_F(StreamWindowTest, ARandomFaultStartsAgainFromTheBaseWindow) {
   // Pages 4 then 5 (a stream of two: 1 + 2 pages back), then page 12: not next to the stream
-  EXPECT_TRUE(Check(m.page(4), 1, 6, 4));
-  EXPECT_TRUE(Check(m.page(5), 1, 6, 5));
-  EXPECT_EQ(as_->device_page_count(), n - 3);
-  EXPECT_TRUE(Check(m.page(12), 1, 6, 12));
-  EXPECT_EQ(as_->device_page_count(), n - 4);
+  EXPECT_EQ(Read(4), kPages - 1);
+  EXPECT_EQ(Read(5), kPages - 3);
+  EXPECT_EQ(Read(12), kPages - 4);
 }
 
 TEST_F(MigrateTest, FaultWindowMaxBelowTheWindowIsRejected) {
