@@ -15,6 +15,7 @@
 #include <atomic>
 #include <deque>
 #include <memory>
+#include <mutex>
 
 #include "bench_suite.hpp"
 #include "bench_util.hpp"
@@ -34,7 +35,8 @@ struct SeqOps : IntervalNotifierOps {
   }
 };
 
-// RangeFault of [start, end) into pfns with the retry loop's EBUSY rule.
+// RangeFault of [start, end) into pfns through the notifier protocol (RetryLoop), as a driver
+// does; the commit under the driver lock is empty.
 Status FaultRange(AddressSpace& as, IntervalNotifier& sub, uintptr_t start, uintptr_t end,
                   std::span<uint64_t> pfns, uint64_t flags) {
   Range r;
@@ -43,12 +45,8 @@ Status FaultRange(AddressSpace& as, IntervalNotifier& sub, uintptr_t start, uint
   r.end = end;
   r.hmm_pfns = pfns;
   r.default_flags = flags;
-  for (int attempt = 0; attempt < 1000; ++attempt) {
-    r.notifier_seq = sub.ReadBegin();
-    Status st = RangeFault(as, r);
-    if (st.errno_value() != EBUSY) return st;
-  }
-  return Status::FromErrno(ETIMEDOUT, "range_fault kept racing with invalidations");
+  std::mutex driver_lock;
+  return RetryLoop(as, r, driver_lock, [](const Range&) { return Status::Ok(); });
 }
 
 Status CheckEntries(std::span<const uint64_t> pfns, uint64_t want) {
