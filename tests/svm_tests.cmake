@@ -1,5 +1,6 @@
 # userlib's SVM API and the samples (included from tests/CMakeLists.txt, area "svm").
 hmmkit_test(svm_api_test SOURCES unit/svm_api_test.cpp LIBS hmmkit::svm)
+hmmkit_test(fault_injection_test SOURCES unit/fault_injection_test.cpp LIBS hmmkit::svm)
 
 # The C interface, exercised from C.
 add_executable(svm_c_test unit/svm_c_test.c)

@@ -13,6 +13,7 @@
 #include <system_error>
 #include <utility>
 
+#include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/log.hpp"
 
 namespace hmmkit::dma {
@@ -227,7 +228,11 @@ Status CpuDmaEngine::RunPiece(const Piece& piece, std::vector<unsigned char>& sc
   const bool src_checked = copy && checked && d.src.memory == Memory::kSystem;
   const bool dst_checked = checked && d.dst.memory == Memory::kSystem;
   Status status;
-  if (!copy) {
+  if (const int injected = inject::Check(inject::Site::kDmaDescriptor)) {
+    // The piece does not run: its descriptor fails as a real engine error would leave it.
+    status = Status::FromErrno(
+        injected, fmt::format("descriptor {}: injected failure (dma_descriptor)", piece.index));
+  } else if (!copy) {
     if (dst_checked) {
       status = FillChecked(d, piece.index, scratch);
     } else {

@@ -17,6 +17,7 @@
 #include <limits>
 #include <string>
 
+#include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/driver/device_memory.hpp"
 
@@ -33,6 +34,11 @@ Result<std::vector<uint64_t>> DeviceMemory::AllocPages(size_t n) {
     ++counters_.alloc_failures;
     return Status::FromErrno(ENOMEM, "device memory '" + options_.name +
                                          "': injected allocation failure (FailNextAlloc)");
+  }
+  if (const int injected = inject::Check(inject::Site::kDeviceAlloc)) {
+    ++counters_.alloc_failures;
+    return Status::FromErrno(injected, "device memory '" + options_.name +
+                                           "': injected allocation failure (device_alloc)");
   }
   if (n > page_count_) {
     ++counters_.alloc_failures;
@@ -89,6 +95,11 @@ Result<uint64_t> DeviceMemory::AllocChunk() {
     ++counters_.alloc_failures;
     return Status::FromErrno(ENOMEM, "device memory '" + options_.name +
                                          "': injected allocation failure (FailNextAlloc)");
+  }
+  if (const int injected = inject::Check(inject::Site::kDeviceAlloc)) {
+    ++counters_.alloc_failures;
+    return Status::FromErrno(injected, "device memory '" + options_.name +
+                                           "': injected allocation failure (device_alloc)");
   }
   std::vector<uint64_t> tried;
   Status why;

@@ -20,7 +20,9 @@ namespace hmmkit::detail {
 
 namespace {
 constexpr size_t kSlab = 2u << 20;
-}
+// Tries of a CPU fault-back before the page is poisoned (see HandleFault).
+constexpr int kFaultBackAttempts = 8;
+}  // namespace
 
 StagingPool::~StagingPool() {
   MutexLock lock(mu_);
@@ -338,11 +340,21 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
     if (out) *out = now;
     return !on_device;
   };
-  DeviceEntry e;
-  if (resolve_unless_on_device(nullptr, &e)) return Status::Ok();
-  Status st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
-  if (st.ok() && resolve_unless_on_device(&e, nullptr)) return Status::Ok();
-  if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
+  // Transient failures (the mm changing under UFFDIO_COPY, no staging memory for a moment, a DMA
+  // error) leave the page on the device, intact: try again, a bounded number of times. The CPU
+  // access has no error to return; giving up costs the process a SIGBUS.
+  Status st;
+  for (int attempt = 1;; ++attempt) {
+    DeviceEntry e;
+    if (resolve_unless_on_device(nullptr, &e)) return Status::Ok();
+    st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
+    if (st.ok() && resolve_unless_on_device(&e, nullptr)) return Status::Ok();
+    if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
+    if (attempt == kFaultBackAttempts) break;
+    Log().warn("CPU fault at {:#x}: migrating back failed ({}); attempt {} of {}", fault.address,
+               st.ToString(), attempt + 1, kFaultBackAttempts);
+    std::this_thread::yield();
+  }
   // The data cannot come back: the access must fail, never read zeros (kernel: VM_FAULT_SIGBUS).
   Log().error("CPU fault at {:#x}: device page not migrated back ({}); poisoning the page",
               fault.address, st.ToString());

@@ -15,6 +15,7 @@
 
 #include "device_entries.hpp"
 #include "fork_guard.hpp"
+#include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
@@ -117,6 +118,15 @@ Status MapCoherent(MmMonitor& monitor, const Vma& vma, DevicePagemap& pm, uintpt
 }
 
 // Puts the staging pages [src, src + len) at va with their data (coherent pages going back).
+// A copy back to RAM of pages [i, i + k) put the first `done` of them in place (all, or the part
+// a failed UFFDIO_COPY got through): those commit, and their device entries go in Finalize; the
+// rest stay on the device, unselected. Committing only what was copied keeps the two views apart:
+// a page in place with its entry kept would let the device read data the CPU has since changed.
+void CommitCopied(MigrateVma& m, MigrateState& st, size_t i, size_t k, size_t done) {
+  for (size_t j = i; j < i + done; ++j) st.committed[j] = 1;
+  for (size_t j = i + done; j < i + k; ++j) m.src[j] &= ~migrate_pfn::kMigrate;
+}
+
 Status MoveStagingOver(MmMonitor& monitor, const Vma& vma, uintptr_t va, void* src, size_t len,
                        detail::DeviceEntries& entries) {
   if (::mprotect(src, len, ProtOf(vma)) != 0)
@@ -272,6 +282,8 @@ Status MigrateVmaAllocSystemPages(MigrateVma& m) {
   MigrateState& st = *m.state;
   if (st.staging) return Status::Ok();
   st.staging_len = m.npages * st.page;
+  if (const int injected = inject::Check(inject::Site::kSystemAlloc))
+    return Status::FromErrno(injected, "migrate_vma: staging pages (injected failure)");
   void* p = MapInternal(st.staging_len);  // never itself the target of another migration
   if (!p) return Status::FromErrno(errno, "migrate_vma: staging pages");
   st.staging = p;
@@ -369,17 +381,14 @@ Status MigrateVmaPages(MigrateVma& m) {
       },
       [&](size_t i, size_t k) {
         const uintptr_t va = m.start + i * page;
+        size_t copied = 0;
         Status c = coherent
                        ? MoveStagingOver(monitor, st.vma, va, migrate_pfn::SystemAddress(m.dst[i]),
                                          k * page, *st.entries)
                        : monitor.Copy(va, migrate_pfn::SystemAddress(m.dst[i]), k * page,
-                                      /*write_protect=*/false, /*wake=*/false);
-        if (!c.ok()) {
-          if (result.ok()) result = c;
-          for (size_t j = i; j < i + k; ++j) m.src[j] &= ~migrate_pfn::kMigrate;
-          return;
-        }
-        for (size_t j = i; j < i + k; ++j) st.committed[j] = 1;
+                                      /*write_protect=*/false, /*wake=*/false, &copied);
+        CommitCopied(m, st, i, k, c.ok() ? k : copied / page);
+        if (!c.ok() && result.ok()) result = c;
       });
   // Destinations the driver chose itself (not hmmkit's staging, e.g. host-visible device pages):
   // one copy per run of destinations that are contiguous too.
@@ -395,15 +404,12 @@ Status MigrateVmaPages(MigrateVma& m) {
            migrate_pfn::SystemAddress(m.dst[i + k]) == from + k * page)
       ++k;
     const uintptr_t va = m.start + i * page;
+    size_t copied = 0;
     Status c = coherent ? Status::FromErrno(EINVAL, "coherent pages need staging destinations")
                         : monitor.Copy(va, const_cast<char*>(from), k * page,
-                                       /*write_protect=*/false, /*wake=*/false);
-    if (!c.ok()) {
-      if (result.ok()) result = c;
-      for (size_t j = i; j < i + k; ++j) m.src[j] &= ~migrate_pfn::kMigrate;
-    } else {
-      for (size_t j = i; j < i + k; ++j) st.committed[j] = 1;
-    }
+                                       /*write_protect=*/false, /*wake=*/false, &copied);
+    CommitCopied(m, st, i, k, c.ok() ? k : copied / page);
+    if (!c.ok() && result.ok()) result = c;
     i += k;
   }
   return result;

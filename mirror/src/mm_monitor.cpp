@@ -13,6 +13,7 @@
 #include <cstring>
 #include <new>
 
+#include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/mirror/address_space.hpp"
@@ -500,12 +501,21 @@ void MmMonitor::ReaderLoop() {
     {
       MutexLock lock(queue_mu_);
       for (;;) {
-        ssize_t got = as_.sys().Read(uffd_, msgs, sizeof msgs);
+        ssize_t got = -1;
+        if (const int injected = inject::Check(inject::Site::kMonitorRead)) {
+          errno = injected;
+        } else {
+          got = as_.sys().Read(uffd_, msgs, sizeof msgs);
+        }
         if (got < 0) {
           if (errno == EINTR) continue;
-          if (errno != EAGAIN) Log().error("monitor: read(userfaultfd): {}", strerror(errno));
+          // The messages stay queued in the kernel: poll reports them again and the next read
+          // takes them. Logged once per run of failures, or a persistent error floods the log.
+          if (errno != EAGAIN && read_failures_++ == 0)
+            Log().error("monitor: read(userfaultfd): {} (retrying)", strerror(errno));
           break;
         }
+        read_failures_ = 0;
         for (size_t i = 0; i < size_t(got) / sizeof(uffd_msg); ++i) {
           const uffd_msg& m = msgs[i];
           MutexLock slock(stats_mu_);
@@ -720,14 +730,29 @@ MmMonitor::Stats MmMonitor::stats() const {
 
 // ---- UFFDIO wrappers ---------------------------------------------------------------------------
 
-Status MmMonitor::Copy(uintptr_t dst, const void* src, size_t len, bool write_protect, bool wake) {
+Status MmMonitor::Copy(uintptr_t dst, const void* src, size_t len, bool write_protect, bool wake,
+                       size_t* copied) {
+  if (copied) *copied = 0;
   uffdio_copy c{};
   c.dst = dst;
   c.src = reinterpret_cast<uintptr_t>(src);
   c.len = len;
   c.mode = (write_protect ? UFFDIO_COPY_MODE_WP : 0) | (wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE);
-  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_COPY, &c) != 0)
-    return Status::FromErrno(errno, "UFFDIO_COPY");
+  if (const int injected = inject::Check(inject::Site::kUffdCopy)) {
+    // An injected race. A caller that can account for a partial copy gets one (the first half
+    // of the pages lands, as a real EAGAIN can leave it); the others get nothing copied.
+    const size_t page = as_.features().page_size;
+    c.len = copied ? (len / 2) & ~(page - 1) : 0;
+    if (c.len > 0 && uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_COPY, &c) == 0) *copied = c.len;
+    return Status::FromErrno(injected, "UFFDIO_COPY (injected failure)");
+  }
+  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_COPY, &c) != 0) {
+    const int err = errno;
+    // The kernel reports how far it got: those pages are in place, whatever the error.
+    if (copied && c.copy > 0) *copied = size_t(c.copy);
+    return Status::FromErrno(err, "UFFDIO_COPY");
+  }
+  if (copied) *copied = len;
   return Status::Ok();
 }
 
@@ -766,6 +791,8 @@ Status MmMonitor::Move(uintptr_t dst, uintptr_t src, size_t len) {
   mv.dst = dst;
   mv.src = src;
   mv.len = len;
+  if (const int injected = inject::Check(inject::Site::kUffdMove))
+    return Status::FromErrno(injected, "UFFDIO_MOVE (injected failure)");
   if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_MOVE, &mv) != 0)
     return Status::FromErrno(errno, "UFFDIO_MOVE");
   return Status::Ok();
@@ -799,6 +826,8 @@ Status Register(Sys& sys, int fd, uintptr_t start, uintptr_t end, uint64_t modes
   reg.range.start = start;
   reg.range.len = end - start;
   reg.mode = modes;
+  if (const int injected = inject::Check(inject::Site::kUffdRegister))
+    return Status::FromErrno(injected, "UFFDIO_REGISTER (injected failure)");
   if (IoctlRetry(sys, fd, UFFDIO_REGISTER, &reg) != 0)
     return Status::FromErrno(errno, "UFFDIO_REGISTER");
   return Status::Ok();

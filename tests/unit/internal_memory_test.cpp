@@ -58,6 +58,21 @@ TEST(InternalMemoryTest, MapInternalAndThreadScopesRegisterUntilReleased) {
   EXPECT_FALSE(InternalMemory::Overlaps(tcb.first, tcb.second));
 }
 
+// errno sits in static TLS below the thread pointer, and libc writes it inside calls a migrating
+// thread makes (free() after an munmap): its page must be in the control-block pages that a
+// migration never takes, on the main thread and on others.
+TEST(InternalMemoryTest, ControlBlockPagesCoverErrno) {
+  auto covers_errno = [] {
+    const auto [s, e] = CurrentThreadControlBlock(/*with_tls=*/false);
+    const auto at = reinterpret_cast<uintptr_t>(&errno);
+    return s <= at && at < e;
+  };
+  EXPECT_TRUE(covers_errno()) << "main thread";
+  bool other = false;
+  std::thread([&] { other = covers_errno(); }).join();
+  EXPECT_TRUE(other) << "a created thread";
+}
+
 TEST(InternalMemoryTest, MigrationLeavesRegisteredPagesInSystemMemory) {
   auto as = MakeAddressSpace({});
   ASSERT_TRUE(as);

@@ -150,8 +150,15 @@ uintptr_t StaticTlsBytes() {
 std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls) {
   // glibc on x86-64: the thread pointer is the struct pthread (about 2.3 KiB); static TLS lies
   // right below it. Only those pages: neighbouring memory belongs to others.
-  const uintptr_t kBelow = with_tls ? StaticTlsBytes() : 1, kAbove = kTcbBytes;
+  // Without the whole TLS, still down to errno: libc writes it inside almost every call (free()
+  // restoring it after an munmap), and a migration that took its page deadlocked the thread
+  // migrating (found with an injected device-allocation failure; the main thread's TLS had merged
+  // with the buffer's VMA).
   const auto self = reinterpret_cast<uintptr_t>(pthread_self());
+  const auto errno_at = reinterpret_cast<uintptr_t>(&errno);
+  const uintptr_t to_errno = errno_at < self ? self - errno_at : 1;
+  const uintptr_t kBelow = with_tls ? std::max(StaticTlsBytes(), to_errno) : to_errno;
+  const uintptr_t kAbove = kTcbBytes;
   const uintptr_t start = self > kBelow ? (self - kBelow) & ~(kPage - 1) : 0;
   return {start, (self + kAbove + kPage - 1) & ~(kPage - 1)};
 }

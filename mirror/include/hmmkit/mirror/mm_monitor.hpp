@@ -153,8 +153,11 @@ class MmMonitor {
   // filled the page) are returned to the caller, which decides; EINTR is retried.
   // wake = false leaves threads faulting on [dst, dst + len) asleep until Wake (so state that
   // describes the page can change first).
+  // `copied` (optional) receives the bytes in place, also on an error: a failed copy may have
+  // installed its first pages (the caller must account for them; without `copied` an error means
+  // the caller cannot tell, so only whole-page single copies should omit it).
   Status Copy(uintptr_t dst, const void* src, size_t len, bool write_protect = false,
-              bool wake = true);
+              bool wake = true, size_t* copied = nullptr);
   Status ZeroPage(uintptr_t dst, size_t len);
   Status WriteProtect(uintptr_t start, size_t len, bool protect);
   Status Wake(uintptr_t start, size_t len);
@@ -233,6 +236,7 @@ class MmMonitor {
   };
   std::vector<Expect> expects_ GUARDED_BY(queue_mu_);
   uint64_t next_token_ GUARDED_BY(queue_mu_) = 1;
+  uint64_t read_failures_ GUARDED_BY(queue_mu_) = 0;  // consecutive failed reads (log once)
   bool stopping_ GUARDED_BY(queue_mu_) = false;
 
   mutable Mutex stats_mu_;

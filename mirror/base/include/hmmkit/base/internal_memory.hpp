@@ -54,8 +54,9 @@ std::pair<uintptr_t, uintptr_t> CurrentThreadStack();
 // The pages around the calling thread's control block: its struct pthread and static TLS (errno,
 // thread_locals, the stack-protector canary), which every function touches. For threads glibc
 // creates they sit above the stack pthread_getattr_np reports; for the main thread, in memory the
-// dynamic loader mapped. with_tls=false: only the pages of the struct pthread (for the main
-// thread the TLS size glibc reports can reach past its block into a neighbouring mapping).
+// dynamic loader mapped. with_tls=false: only the pages of the struct pthread and down to errno
+// (for the main thread the TLS size glibc reports can reach past its block into a neighbouring
+// mapping).
 std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls);
 
 // Registers the calling thread's stack as internal memory until destroyed (on the same thread).
