@@ -29,6 +29,10 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
   MmMonitor* monitor = as.monitor();
   if (!monitor)
     return Status::FromErrno(ENOTSUP, "make_device_exclusive needs the userfaultfd monitor");
+  // An munmap returns before its event is dispatched: until then the monitor still counts the old
+  // mapping's range as registered, and a new mapping at the same address would not be registered
+  // (UFFDIO_WRITEPROTECT then fails with ENOENT). Let pending events land first, as migrations do.
+  if (monitor->pending_changes() != 0) monitor->Sync();
   auto vma = as.FindVma(start);
   if (!vma.ok()) return vma.status();
   if (!*vma || (*vma)->end < end || !(*vma)->migratable())

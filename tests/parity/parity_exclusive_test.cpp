@@ -47,6 +47,31 @@ TEST_P(DmirrorParity, ExclusiveThenMprotectReadOnlyDeviceWriteIsEperm) {
   EXPECT_TRUE(IntsAre(b.ints(), b.nints(), Seq));
 }
 
+// munmap returns before the monitor dispatches its event; a new mapping at the same address made
+// exclusive right away must be registered afresh, not taken for the old one (UFFDIO_WRITEPROTECT
+// failed with ENOENT before exclusive access let pending events land first).
+TEST_P(DmirrorParity, ExclusiveOnANewMappingAtAnUnmappedAddress) {
+  const size_t n = 4;
+  size_t reused = 0;
+  for (int round = 0; round < 40; ++round) {
+    Buffer old_buffer(n);
+    ASSERT_TRUE(old_buffer.mapped());
+    FillInts(old_buffer.ints(), old_buffer.nints(), Seq);
+    ASSERT_EQ(Run(kExclusive, old_buffer), 0);
+    const uintptr_t at = old_buffer.addr();
+    old_buffer.Unmap();
+    Buffer b(n);
+    ASSERT_TRUE(b.mapped());
+    reused += b.addr() == at;
+    FillInts(b.ints(), b.nints(), Neg);
+    hmm_dmirror_cmd cmd{};
+    ASSERT_EQ(Run(kExclusive, b, &cmd), 0) << "round " << round;
+    EXPECT_EQ(cmd.cpages, n);
+    EXPECT_TRUE(IntsAre(b.bounce_ints(), b.nints(), Neg)) << "round " << round;
+  }
+  EXPECT_GT(reused, 0u) << "the kernel never reused the address: the test proved nothing";
+}
+
 TEST_P(DmirrorParity, ExclusiveHoldsUntilTheCpuTouchesIt) {
   // Given a written buffer the device holds exclusively
   const size_t n = 8;
