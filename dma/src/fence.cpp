@@ -36,9 +36,9 @@ struct Fence::State {
 
 namespace {
 
-void PostHandler(boost::asio::any_io_executor ex, std::function<void(const Fence&)> handler,
+void PostHandler(const boost::asio::any_io_executor& ex, std::function<void(const Fence&)> handler,
                  const Fence& fence) {
-  boost::asio::post(std::move(ex), [handler = std::move(handler), fence]() { handler(fence); });
+  boost::asio::post(ex, [handler = std::move(handler), fence]() { handler(fence); });
 }
 
 }  // namespace
@@ -92,7 +92,7 @@ void Fence::OnComplete(boost::asio::any_io_executor ex,
       return;
     }
   }
-  PostHandler(std::move(ex), std::move(handler), *this);
+  PostHandler(ex, std::move(handler), *this);
 }
 
 FenceSignal::FenceSignal(size_t descriptors, size_t units) {
@@ -120,8 +120,7 @@ void FenceSignal::Finish(size_t index, Status status) const {
     s->done.store(true, std::memory_order_release);
   }
   s->cv.NotifyAll();
-  for (Fence::State::Waiter& w : waiters)
-    PostHandler(std::move(w.ex), std::move(w.handler), fence_);
+  for (Fence::State::Waiter& w : waiters) PostHandler(w.ex, std::move(w.handler), fence_);
 }
 
 }  // namespace hmmkit::dma

@@ -87,7 +87,7 @@ Status VulkanDmaEngine::Init() {
   if (!core.ok()) return core.status();
   core_ = std::move(core).value();
   const vk::DeviceFns& fn = core_->fn();
-  const VkDevice device = core_->device();
+  VkDevice device = core_->device();
 
   auto type = vk::Make<VkSemaphoreTypeCreateInfo>(VK_STRUCTURE_TYPE_SEMAPHORE_TYPE_CREATE_INFO);
   type.semaphoreType = VK_SEMAPHORE_TYPE_TIMELINE;
@@ -301,7 +301,12 @@ void VulkanDmaEngine::Complete(Batch& batch, const Status& error) {
   }
   // The fence completes with the last Finish: waiters wake, handlers are posted. No lock held.
   for (size_t i = 0; i < batch.results.size(); ++i) {
-    batch.signal.Finish(i, batch.results[i].ok() ? error : std::move(batch.results[i]));
+    // Not a conditional expression: its result would be a const copy, and no move would happen.
+    if (batch.results[i].ok()) {
+      batch.signal.Finish(i, error);
+    } else {
+      batch.signal.Finish(i, std::move(batch.results[i]));
+    }
   }
 }
 

@@ -398,10 +398,11 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
   std::optional<bool> after_file;
   auto vma = VmaFor(addr, &after_file);
   if (!vma.ok()) return vma.status();
+  // PROT_NONE first, and EFAULT as hmm_range_fault gives it (EPERM is for writes to read-only).
+  if (!vma->read && !vma->write)
+    return Status::FromErrno(EFAULT, fmt::format("device access to PROT_NONE {:#x}", addr));
   if (write && !vma->write)
     return Status::FromErrno(EPERM, fmt::format("device write to read-only {:#x}", addr));
-  if (!vma->read && !vma->write)
-    return Status::FromErrno(EPERM, fmt::format("device access to PROT_NONE {:#x}", addr));
   // Before mu_: these query the kernel, and Invalidate waits for mu_. A range lies inside one
   // aligned chunk, so it is in the same 64 MiB arena block as addr.
   const bool migratable = Migratable(*vma, after_file) && !InMallocArenaHeap(addr);

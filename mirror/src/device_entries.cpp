@@ -22,6 +22,7 @@ namespace {
 constexpr size_t kSlab = 2u << 20;
 // Tries of a CPU fault-back before the page is poisoned (see HandleFault).
 constexpr int kFaultBackAttempts = 8;
+constexpr auto kFaultBackAgainFor = std::chrono::seconds(5);  // EAGAIN: retried this long
 }  // namespace
 
 StagingPool::~StagingPool() {
@@ -344,15 +345,19 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   // error) leave the page on the device, intact: try again, a bounded number of times. The CPU
   // access has no error to return; giving up costs the process a SIGBUS.
   Status st;
+  const auto again_deadline = std::chrono::steady_clock::now() + kFaultBackAgainFor;
   for (int attempt = 1;; ++attempt) {
     DeviceEntry e;
     if (resolve_unless_on_device(nullptr, &e)) return Status::Ok();
     st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
     if (st.ok() && resolve_unless_on_device(&e, nullptr)) return Status::Ok();
     if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
-    if (attempt == kFaultBackAttempts) break;
-    Log().warn("CPU fault at {:#x}: migrating back failed ({}); attempt {} of {}", fault.address,
-               st.ToString(), attempt + 1, kFaultBackAttempts);
+    // EAGAIN (the mm is changing) always passes: it is retried until a deadline, not a count.
+    if (st.errno_value() == EAGAIN ? std::chrono::steady_clock::now() > again_deadline
+                                   : attempt >= kFaultBackAttempts)
+      break;
+    Log().warn("CPU fault at {:#x}: migrating back failed ({}); attempt {}", fault.address,
+               st.ToString(), attempt + 1);
     std::this_thread::yield();
   }
   // The data cannot come back: the access must fail, never read zeros (kernel: VM_FAULT_SIGBUS).

@@ -74,7 +74,17 @@ void Parent() NO_THREAD_SAFETY_ANALYSIS {
 }
 
 void Child() NO_THREAD_SAFETY_ANALYSIS {
-  Release();
+  // The migration lock cannot be unlocked here: glibc's rwlock remembers its writer by TID, the
+  // child's thread has a new one, and the unlock was taken for a read unlock, leaving the lock
+  // write-held and every migration in the child waiting forever. No other thread exists in the
+  // child, so a fresh lock is exact (the old one is leaked, a few bytes per fork).
+  if (g_fork_locked) {
+    g_fork_locked = false;
+    static auto* retired = new std::vector<std::shared_mutex*>;  // reachable: not a leak report
+    retired->push_back(g_fork_lock);
+    g_fork_lock = new std::shared_mutex;
+  }
+  Reg().mu.unlock();
 }
 
 [[maybe_unused]] const bool g_registered = [] {

@@ -319,7 +319,7 @@ Status MigrateVmaPages(MigrateVma& m) {
     // folio) is reported with map order 9, as the kernel maps a device THP.
     const size_t huge = (size_t(2) << 20) / page;
     std::vector<uint8_t> order(n, 0);
-    for (size_t i = 0; i + huge <= n; ++i) {
+    for (size_t i = 0; huge > 0 && i + huge <= n; ++i) {  // huge is 0 for pages over 2 MiB
       if (((m.start + i * page) & ((huge * page) - 1)) != 0) continue;
       const uint64_t head = migrate_pfn::DeviceId(m.dst[i]);
       bool whole = head % huge == 0;

@@ -38,6 +38,10 @@ void Free(TreeNode* n) {
 int main(int argc, char** argv) {
   const size_t nodes = argc > 1 ? std::strtoull(argv[1], nullptr, 0) : 20000;
   const size_t queries = argc > 2 ? std::strtoull(argv[2], nullptr, 0) : 20000;
+  if (nodes == 0) {  // the keys are drawn modulo 4 * nodes
+    std::fprintf(stderr, "tree_walk: the tree needs at least one node\n");
+    return 2;
+  }
   auto dev = hmmkit::svm::Device::Open();
   if (!dev.ok()) {
     std::fprintf(stderr, "tree_walk: cannot open a device: %s\n", dev.status().ToString().c_str());

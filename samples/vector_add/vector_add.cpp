@@ -20,6 +20,9 @@ int main(int argc, char** argv) {
   auto* c = static_cast<float*>(std::malloc(n * sizeof(float)));
   if (!a || !b || !c) {
     std::fprintf(stderr, "vector_add: out of memory\n");
+    std::free(a);
+    std::free(b);
+    std::free(c);
     return 2;
   }
   for (size_t i = 0; i < n; ++i) {
@@ -31,6 +34,9 @@ int main(int argc, char** argv) {
   });
   if (!st.ok()) {
     std::fprintf(stderr, "vector_add: launch failed: %s\n", st.ToString().c_str());
+    std::free(a);
+    std::free(b);
+    std::free(c);
     return 1;
   }
   size_t wrong = 0;

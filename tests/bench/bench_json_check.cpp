@@ -33,7 +33,7 @@ bool Number(const pt::ptree& m, const char* key, double* out) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
   if (argc != 2) {
     std::fprintf(stderr, "usage: bench_json_check FILE\n");
     return 2;
@@ -86,4 +86,7 @@ int main(int argc, char** argv) {
     if (!seen.count(n)) Fail(n + ": missing");
   if (failures == 0) std::printf("bench_json_check: %zu metrics, well formed\n", seen.size());
   return failures == 0 ? 0 : 1;
+} catch (const std::exception& e) {  // a malformed document the checks above did not foresee
+  Fail(std::string("unexpected error: ") + e.what());
+  return 1;
 }

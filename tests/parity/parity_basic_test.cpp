@@ -160,7 +160,7 @@ TEST_P(DmirrorParity, ThpWriteFaultsOnce) {
 #define MAP_HUGETLB_OR_SKIP(b)                                     \
   Buffer b((size_t{2} << 20) / PageSize(), PROT_READ | PROT_WRITE, \
            MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB);             \
-  if (!b.mapped()) GTEST_SKIP() << "no 2 MiB hugetlbfs page: " << b.mapped().message()
+  if (!(b).mapped()) GTEST_SKIP() << "no 2 MiB hugetlbfs page: " << (b).mapped().message()
 
 TEST_P(DmirrorParity, HugetlbWriteFaultsOnce) {
   // Given a hugetlbfs buffer and data in the bounce buffer

@@ -212,7 +212,7 @@ TEST_P(DmirrorParity, MigrateMixedRangesAndAnotherDevicesPage) {
 // A PMD-aligned, PMD-sized THP candidate (MADV_HUGEPAGE), or a skip where the kernel has no THP.
 #define THP_BUFFER_OR_SKIP(b, prot)                                    \
   Buffer b = Buffer::Aligned(PmdSize() / PageSize(), PmdSize(), prot); \
-  ASSERT_TRUE(b.mapped());                                             \
+  ASSERT_TRUE((b).mapped());                                           \
   if (!AdviseHuge(b)) GTEST_SKIP() << "MADV_HUGEPAGE: " << strerror(errno)
 
 // hmm-tests' migrate_anon_huge_empty.

@@ -135,7 +135,7 @@ char ThreadState(pid_t tid) {
 // Creation and the arena
 
 TEST(DeviceMemoryCreate, RejectsBadSizesAndKinds) {
-  auto expect_einval = [](DeviceMemory::Options o, const char* what) {
+  auto expect_einval = [](const DeviceMemory::Options& o, const char* what) {
     auto r = DeviceMemory::Create(o);
     ASSERT_FALSE(r.ok()) << what;
     EXPECT_EQ(r.errno_value(), EINVAL) << what << ": " << r.status().ToString();

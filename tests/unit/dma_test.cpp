@@ -520,7 +520,7 @@ TEST(Fence, PollAndWaitForSeeAPendingBatchUntilTheLinkCompletesIt) {
 
 TEST(Fence, FenceSignalKeepsTheFirstErrorOfADescriptor) {
   FenceSignal signal(2, 3);
-  const Fence fence = signal.fence();
+  const Fence& fence = signal.fence();
   signal.Finish(1, Status::FromErrno(EFAULT, "first"));
   EXPECT_FALSE(fence.Poll());
   signal.Finish(1, Status::FromErrno(EIO, "second"));

@@ -81,7 +81,7 @@ class SvmManagerTest : public ::testing::Test {
     as_.reset();
   }
   // Device memory of `capacity` bytes; with evict, exhaustion evicts by device page.
-  void MakeDevice(size_t capacity, bool evict, SvmManager::Options o = {}) {
+  void MakeDevice(size_t capacity, bool evict, const SvmManager::Options& o = {}) {
     DeviceMemory::Options mo;
     mo.capacity = capacity;
     mo.owner = &owner;

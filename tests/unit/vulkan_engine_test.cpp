@@ -75,11 +75,13 @@ std::unique_ptr<VulkanDmaEngine> TryMakeEngine(const Options& options, std::stri
 }
 
 // Declares `var`, an engine made with `options`, or skips/fails the test.
+// NOLINTBEGIN(bugprone-macro-parentheses): `var` is the name of the variable declared here
 #define VK_ENGINE_OR_SKIP(var, options)                        \
   std::string var##_skip;                                      \
   auto var = TryMakeEngine(options, &var##_skip);              \
   if (!var && !var##_skip.empty()) GTEST_SKIP() << var##_skip; \
   ASSERT_TRUE(var)
+// NOLINTEND(bugprone-macro-parentheses)
 
 DeviceAllocation Allocate(
     VulkanDmaEngine& engine, size_t len,

@@ -15,6 +15,7 @@
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/driver/device_migration.hpp"
 #include "hmmkit/mirror/migrate.hpp"
+#include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
 
 namespace hmmkit::dmirror {
@@ -25,7 +26,7 @@ constexpr uint64_t kPage = emu::kPageSize;
 constexpr uint64_t kVaLimit = uint64_t{1} << 47;  // user half of a 48-bit address space
 constexpr int kMaxFaultRounds = 64;
 
-Status Errno(int err, std::string msg) {
+Status Errno(int err, const std::string& msg) {
   return Status::FromErrno(err, "dmirror: " + msg);
 }
 
@@ -378,7 +379,8 @@ Status Mirror::CheckExclusive(uintptr_t start, uintptr_t end) {
 
 Status Mirror::Command(unsigned long request, hmm_dmirror_cmd& cmd) {
   if (cmd.addr & (kPage - 1)) return Errno(EINVAL, "addr is not page-aligned");
-  if (cmd.npages == 0 || cmd.npages > kVaLimit / kPage || cmd.addr + cmd.npages * kPage > kVaLimit)
+  // Compared without forming addr + len first: that sum can wrap past 2^64 and pass.
+  if (cmd.npages == 0 || cmd.addr >= kVaLimit || cmd.npages > (kVaLimit - cmd.addr) / kPage)
     return Errno(EINVAL, "npages is 0 or the range overflows");
   const uintptr_t start = cmd.addr, end = cmd.addr + cmd.npages * kPage;
   cmd.cpages = 0;
@@ -388,6 +390,12 @@ Status Mirror::Command(unsigned long request, hmm_dmirror_cmd& cmd) {
                          request == HMM_DMIRROR_MIGRATE_TO_DEV || request == HMM_DMIRROR_SNAPSHOT ||
                          request == HMM_DMIRROR_EXCLUSIVE;
   if (needs_ptr && bounce == nullptr) return Errno(EFAULT, "ptr is NULL");
+  // The kernel has invalidated the device's mappings before munmap returns; here the monitor
+  // dispatches the event a little later. Until it has, this mirror could still read or write the
+  // old pages (found by fuzz_dmirror: a READ after munmap returned the freed pages' data). Before
+  // cmd_mu_: the invalidation callback takes this mirror's locks.
+  if (MmMonitor* monitor = ctx_.as().monitor(); monitor && monitor->pending_changes() != 0)
+    monitor->Sync();
 
   MutexLock lock(cmd_mu_);
   switch (request) {

@@ -37,6 +37,7 @@
 #include <cstdlib>
 #include <deque>
 #include <optional>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -239,6 +240,27 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     const uintptr_t a = reinterpret_cast<uintptr_t>(p);
     return {a & ~(kPage - 1), (a + len + kPage - 1) & ~(kPage - 1)};
   }
+  // Pages() of a non-empty range that neither wraps past 2^64 nor rounds up past it: EINVAL
+  // otherwise (a wrapped range had end < start and was a silent no-op).
+  static Result<std::pair<uintptr_t, uintptr_t>> CheckedPages(const void* p, size_t len,
+                                                              const char* what) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    if (len == 0) return Status::FromErrno(EINVAL, fmt::format("{}: empty range", what));
+    if (a > UINTPTR_MAX - (kPage - 1) || len > UINTPTR_MAX - (kPage - 1) - a)
+      return Status::FromErrno(EINVAL, fmt::format("{}: {:#x} + {} overflows", what, a, len));
+    return Pages(p, len);
+  }
+  // EFAULT naming the first address of [s, e) that no VMA covers.
+  Status CheckMapped(uintptr_t s, uintptr_t e, const char* what) {
+    auto vmas = as_->FindVmas(s, e);
+    if (!vmas.ok()) return vmas.status();
+    uintptr_t covered = s;
+    for (const Vma& v : *vmas)
+      if (v.start <= covered) covered = std::max(covered, v.end);
+    if (covered < e)
+      return Status::FromErrno(EFAULT, fmt::format("{}: {:#x} is not mapped", what, covered));
+    return Status::Ok();
+  }
 
   static Result<std::unique_ptr<Device>> Create(const DeviceOptions& o) {
     if (o.compute_units == 0 || o.compute_units > 256)
@@ -271,7 +293,9 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
 
   Status Launch(size_t n, const Kernel& kernel) override {
     MutexLock lock(launch_mu_);
-    const unsigned units = unsigned(std::min<size_t>(mmu_.compute_units(), std::max<size_t>(n, 1)));
+    // At least 1 (Create checks compute_units; the analyzer cannot see it).
+    const unsigned units =
+        std::max(1u, unsigned(std::min<size_t>(mmu_.compute_units(), std::max<size_t>(n, 1))));
     std::vector<std::unique_ptr<EmuKernelContext>> ctx;
     for (unsigned cu = 0; cu < units; ++cu)
       ctx.push_back(std::make_unique<EmuKernelContext>(*this, cu));
@@ -280,7 +304,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     // large launches use large grains (still 16 or more per unit, for balance).
     const size_t grain = std::clamp<size_t>(n / (size_t(units) * 16), 256, 16384);
     std::vector<std::thread> threads;
-    for (unsigned cu = 0; cu < units; ++cu) {
+    auto start_unit = [&](unsigned cu) {
       threads.emplace_back([&, cu] {
         InternalThreadScope internal;  // a migration never takes a compute unit's stack
         EmuKernelContext& k = *ctx[cu];
@@ -296,8 +320,22 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
         k.Release();
         t_unit = nullptr;
       });
+    };
+    // A thread that cannot start (EAGAIN at the process's thread or map limit) fails the launch:
+    // the units already running are told to stop and joined, never left joinable (terminate).
+    Status started = Status::Ok();
+    for (unsigned cu = 0; cu < units && started.ok(); ++cu) {
+      try {
+        start_unit(cu);
+      } catch (const std::system_error& ex) {
+        next.store(n);
+        started = Status::FromErrno(
+            ex.code().value() ? ex.code().value() : EAGAIN,
+            fmt::format("Launch: compute unit {} did not start: {}", cu, ex.what()));
+      }
     }
     for (auto& t : threads) t.join();
+    HMMKIT_RETURN_IF_ERROR(started);
     for (auto& k : ctx)
       if (!k->error().ok()) return k->error();
     return Status::Ok();
@@ -306,13 +344,17 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   Status Prefetch(const void* p, size_t len, Location to) override {
     EmuKernelContext::ReleaseCallersGuard();
     if (len == 0) return Status::Ok();
-    auto [s, e] = Pages(p, len);
+    auto pages = CheckedPages(p, len, "Prefetch");
+    if (!pages.ok()) return pages.status();
+    auto [s, e] = *pages;
+    HMMKIT_RETURN_IF_ERROR(CheckMapped(s, e, "Prefetch"));
     return to == Location::kDevice ? svm_->PrefetchToDevice(s, e) : svm_->Evict(s, e);
   }
 
   Status Advise(const void* p, size_t len, Advice advice, Location where) override {
     EmuKernelContext::ReleaseCallersGuard();
-    if (len == 0) return Status::FromErrno(EINVAL, "Advise: empty range");
+    auto pages = CheckedPages(p, len, "Advise");
+    if (!pages.ok()) return pages.status();
     driver::SvmAdvice a;
     switch (advice) {
       case Advice::kSetPreferredLocation:
@@ -333,21 +375,15 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
       default:
         return Status::FromErrno(EINVAL, fmt::format("Advise: unknown advice {}", int(advice)));
     }
-    auto [s, e] = Pages(p, len);
-    return svm_->Advise(s, e, a);
+    return svm_->Advise(pages->first, pages->second, a);
   }
 
   Result<Residency> QueryResidency(const void* p, size_t len) override {
     EmuKernelContext::ReleaseCallersGuard();
-    if (len == 0) return Status::FromErrno(EINVAL, "QueryResidency: empty range");
-    auto [s, e] = Pages(p, len);
-    auto vmas = as_->FindVmas(s, e);
-    if (!vmas.ok()) return vmas.status();
-    uintptr_t covered = s;
-    for (const Vma& v : *vmas)
-      if (v.start <= covered) covered = std::max(covered, v.end);
-    if (covered < e)
-      return Status::FromErrno(EFAULT, fmt::format("QueryResidency: {:#x} is not mapped", covered));
+    auto pages = CheckedPages(p, len, "QueryResidency");
+    if (!pages.ok()) return pages.status();
+    auto [s, e] = *pages;
+    HMMKIT_RETURN_IF_ERROR(CheckMapped(s, e, "QueryResidency"));
     auto r = svm_->Scan(s, e);
     if (!r.ok()) return r.status();
     switch (*r) {
@@ -617,8 +653,16 @@ void EmuKernelContext::AccessSlow(uintptr_t va, size_t size, uint64_t* value, bo
   iovec local{value, size}, remote{p, size};
   const ssize_t done = write ? ::process_vm_writev(::getpid(), &local, 1, &remote, 1, 0)
                              : ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0);
-  if (done != ssize_t(size))
+  if (done != ssize_t(size)) {
+    // A write refused because the mapping became read-only (an mprotect the device heard of
+    // late) is EPERM, as for any write to read-only memory; anything else is EFAULT.
+    auto vma = dev_.as_->FindVma(va);
+    if (write && vma.ok() && *vma && (*vma)->read && !(*vma)->write) {
+      Fail(Status::FromErrno(EPERM, fmt::format("device write to read-only {:#x}", va)));
+      return;
+    }
     Fail(Status::FromErrno(EFAULT, fmt::format("device access at {:#x}: system page gone", va)));
+  }
 }
 
 uint64_t EmuKernelContext::Atomic(uintptr_t va, size_t size, AtomicOp op, uint64_t a, uint64_t b) {

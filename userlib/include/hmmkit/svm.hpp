@@ -90,6 +90,8 @@ class KernelContext {
  public:
   enum class AtomicOp : uint8_t { kAdd, kExchange, kCompareExchange };  // for backends
 
+  // T is often a pointer to a struct (a kernel loads node->next): sizeof(T) is meant.
+  // NOLINTBEGIN(bugprone-sizeof-expression)
   template <class T>
   T Load(const T* p) {
     static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8 &&
@@ -108,6 +110,7 @@ class KernelContext {
     std::memcpy(&raw, &v, sizeof(T));
     Access(reinterpret_cast<uintptr_t>(p), sizeof(T), &raw, /*write=*/true);
   }
+  // NOLINTEND(bugprone-sizeof-expression)
   // Atomic read-modify-write, coherent with CPU atomics on the same address (std::atomic_ref):
   // device memory is updated in place, system memory at its CPU address. T: a 4- or 8-byte
   // integer. Each returns the value before the operation.

@@ -226,7 +226,7 @@ class VulkanDmaEngine final : public DmaEngine {
 
   // See DmaEngine::Submit and the file comment. Blocks for the probes and imports and briefly on
   // queue_mu_; a probe of a userfaultfd-registered page blocks until the monitor resolves it.
-  Result<Fence> Submit(std::span<const Descriptor> batch) override
+  Result<Fence> Submit(std::span<const Descriptor> descs) override
       EXCLUDES(queue_mu_, pool_mu_, stats_mu_);
   std::string_view name() const override { return "vulkan"; }
   Stats stats() const override EXCLUDES(stats_mu_);

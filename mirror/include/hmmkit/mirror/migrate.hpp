@@ -111,20 +111,20 @@ Status MigrateVmaPages(MigrateVma& m);
 // that were not used are released (PutPage), writers blocked since Setup resume. Always succeeds.
 void MigrateVmaFinalize(MigrateVma& m);
 
-// migrate_device_range: moves the given pages of `pagemap` back to system memory wherever `as`
+// migrate_device_range: moves the given pages of `pm` back to system memory wherever `as`
 // maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped. Data is
-// copied with pagemap.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock
+// copied with pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock
 // that an Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
-Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pagemap, std::span<const uint64_t> ids);
+Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids);
 
-// Moves every page of `pagemap` that `as` maps back to system memory. A driver calls it before it
+// Moves every page of `pm` that `as` maps back to system memory. A driver calls it before it
 // destroys the pagemap (the pgmap lifetime rule). Errors: as MigrateDevicePages.
-Status MigrateAllToRam(AddressSpace& as, DevicePagemap& pagemap);
+Status MigrateAllToRam(AddressSpace& as, DevicePagemap& pm);
 
-// The default migrate_to_ram: brings back the pages of `pagemap` in the fault window around `addr`
+// The default migrate_to_ram: brings back the pages of `pm` in the fault window around `addr`
 // (AddressSpace::Options::fault_window pages, aligned, clipped to the VMA), honouring the
 // migration timeslice. Used by DevicePagemap::MigrateToRam's default.
-Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pagemap, uintptr_t addr);
+Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr);
 
 // make_device_exclusive: takes [start, end) out of the CPU's reach for device `owner` (device
 // atomics). Each page is faulted in writable, a kExclusive invalidation with `owner` is raised,
