@@ -272,6 +272,34 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
           Log().debug("migrate_vma: {:#x}+{} pages not write-protectable ({}): skipped",
                       m.start + i * page, k, wp.ToString());
       });
+  // The zero page may have been replaced between the snapshot and the write-protect: a write to
+  // it is an ordinary copy-on-write, which no userfaultfd mode reports. Collected as "nothing to
+  // copy", such a page would reach the device as zeros and the CPU's write would be zapped (found
+  // by the stress oracle: CPU threads first-touching pages next to a device fault's migration).
+  // Write-protected now, the page cannot change again: look once more and copy what is there.
+  size_t first_zero = n, last_zero = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (st->write_protected[i] && states[i].has(PageState::kZero)) {
+      first_zero = std::min(first_zero, i);
+      last_zero = i;
+    }
+  }
+  if (first_zero < n) {
+    std::vector<PageState> again(last_zero + 1 - first_zero);
+    Status snap_again = as.SnapshotInVma(st->vma, m.start + first_zero * page,
+                                         m.start + (last_zero + 1) * page, again);
+    for (size_t i = first_zero; i <= last_zero; ++i) {
+      if (!st->write_protected[i] || !states[i].has(PageState::kZero)) continue;
+      const PageState& now = again[i - first_zero];
+      if (!snap_again.ok() || !now.present()) {
+        m.src[i] = 0;  // cannot tell what is there: it stays (Finalize lifts the protection)
+      } else if (!now.has(PageState::kZero)) {
+        const uintptr_t va = m.start + i * page;
+        m.src[i] = migrate_pfn::FromSystem(reinterpret_cast<void*>(va)) | migrate_pfn::kMigrate |
+                   (m.src[i] & migrate_pfn::kWrite);
+      }
+    }
+  }
   for (size_t i = 0; i < n; ++i) m.cpages += (m.src[i] & migrate_pfn::kMigrate) ? 1 : 0;
   m.state = st;
   return Status::Ok();

@@ -65,11 +65,13 @@ std::unique_ptr<Device> OpenOrNull(size_t memory_bytes, Status* why) {
   return std::move(*dev);
 }
 
+// NOLINTBEGIN(bugprone-macro-parentheses): `var` is the name being declared
 #define HMMKIT_OPEN_SVM_OR_SKIP(var, bytes)                                             \
   Status var##_why;                                                                     \
   std::unique_ptr<Device> var = OpenOrNull(bytes, &var##_why);                          \
   if (!var && var##_why.errno_value() == ENOTSUP) GTEST_SKIP() << var##_why.ToString(); \
   ASSERT_NE(var, nullptr) << var##_why.ToString()
+// NOLINTEND(bugprone-macro-parentheses)
 
 size_t CountEntries(const char* dir) {
   DIR* d = opendir(dir);

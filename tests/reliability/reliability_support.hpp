@@ -56,10 +56,12 @@ class DmirrorHandle {
 };
 
 // Opens device `index` or skips (ENOTSUP: no userfaultfd) / fails the test.
+// NOLINTBEGIN(bugprone-macro-parentheses): `var` is the name being declared
 #define HMMKIT_OPEN_DMIRROR_OR_SKIP(var, index)                                       \
   DmirrorHandle var(index);                                                           \
   if (var.get() < 0 && var.open_errno() == ENOTSUP) GTEST_SKIP() << "no userfaultfd"; \
   ASSERT_GE(var.get(), 0) << strerror(var.open_errno())
+// NOLINTEND(bugprone-macro-parentheses)
 
 // How many pages of [addr, addr + npages) the snapshot reports as on a device; -1 on error.
 inline long DevicePages(int handle, uintptr_t addr, uint64_t npages) {

@@ -103,8 +103,12 @@ class InjectedFailureTest : public ::testing::Test {
     ASSERT_TRUE(st.ok()) << st.ToString();
     EXPECT_EQ(bad.load(), 0u) << "device reads differing from round " << round;
   }
+  // A prefetch is a hint: under heavy parallel load (ctest -j4 beside the parity suite) one was
+  // seen to leave the pages mapped remotely, cause not yet found (docs/reliability.md). These
+  // tests need the pages on the device, so they ask again, a bounded number of times.
   void ToDevice() {
-    ASSERT_TRUE(dev_->Prefetch(buf_.data(), buf_.size(), Location::kDevice).ok());
+    for (int attempt = 0; attempt < 5 && Where() != Residency::kDevice; ++attempt)
+      ASSERT_TRUE(dev_->Prefetch(buf_.data(), buf_.size(), Location::kDevice).ok());
     ASSERT_EQ(Where(), Residency::kDevice);
   }
 
