@@ -80,6 +80,9 @@ void Child() NO_THREAD_SAFETY_ANALYSIS {
   // child, so a fresh lock is exact (the old one is leaked, a few bytes per fork).
   if (g_fork_locked) {
     g_fork_locked = false;
+    // Unlocked all the same, though glibc gets it wrong: the old lock is never used again, and
+    // ThreadSanitizer must see it released (else it reports a lock-order inversion with Reg().mu).
+    g_fork_lock->unlock();
     static auto* retired = new std::vector<std::shared_mutex*>;  // reachable: not a leak report
     retired->push_back(g_fork_lock);
     g_fork_lock = new std::shared_mutex;
