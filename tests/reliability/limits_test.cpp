@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <mutex>
@@ -85,8 +86,16 @@ size_t CountEntries(const char* dir) {
 size_t Threads() {
   return CountEntries("/proc/self/task");
 }
+// Open descriptors, less the process-wide /proc/self/mountinfo watch that the VMA reader opens
+// lazily on first need and keeps until exit (a cache, not something a device owns).
 size_t Fds() {
-  return CountEntries("/proc/self/fd");
+  size_t n = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    const std::string target = std::filesystem::read_symlink(e.path(), ec).string();
+    n += target.size() < 10 || target.compare(target.size() - 10, 10, "/mountinfo") != 0;
+  }
+  return n;
 }
 // Threads that the device joined may still be leaving the kernel's task list: wait (bounded).
 size_t ThreadsSettledAt(size_t want) {
