@@ -267,9 +267,19 @@ bool SvmManager::InMallocArenaHeap(uintptr_t addr) const {
   if (reserved.accessible() || reserved.kind != VmaKind::kAnon || reserved.end != b + kHeap ||
       reserved.start <= b)
     return false;
-  auto low = as_->FindVma(b);
-  return low.ok() && *low && (*low)->kind == VmaKind::kAnon && (*low)->accessible() &&
-         (*low)->start <= b;
+  // The read-write part is one mprotect'ed run from b up to the reservation: no hole, only
+  // accessible anonymous memory (hmmkit's registrations may split it). Without this, any
+  // PROT_NONE reservation that happens to end on a 64 MiB boundary (a sanitizer's, a thread
+  // stack's neighbour) made unrelated anonymous memory below it look like a heap, and a prefetch
+  // of an application buffer there silently mapped it remotely (seen in the TSan lane).
+  auto rw = as_->FindVmas(b, reserved.start);
+  if (!rw.ok() || rw->empty()) return false;
+  uintptr_t covered = b;
+  for (const Vma& v : *rw) {
+    if (v.start > covered || v.kind != VmaKind::kAnon || !v.accessible()) return false;
+    covered = v.end;
+  }
+  return covered >= reserved.start;
 }
 
 Result<size_t> SvmManager::MigrateSpan(uintptr_t start, uintptr_t end) {

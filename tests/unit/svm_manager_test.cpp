@@ -323,6 +323,49 @@ TEST_F(SvmManagerTest, PrefetchMigratesAheadAndEvictBringsBack) {
   EXPECT_TRUE(Check(m.data(), m.size(), 8));
 }
 
+// glibc's thread-arena heap: 64 MiB aligned, read-write from the boundary, PROT_NONE up to the
+// next one. hmmkit's own small allocations live there, so such a run stays in system memory. Only
+// that exact shape counts: anonymous memory merely below a PROT_NONE reservation that ends on a
+// 64 MiB boundary is the application's and migrates (it did not: seen as a TSan lane failure).
+TEST_F(SvmManagerTest, OnlyAnArenaHeapShapedRunStaysInSystemMemory) {
+  MakeDevice(4 * kMiB, false);
+  constexpr size_t kHeap = 64 * kMiB;
+  // Reserve two heaps' worth and keep one 64 MiB-aligned heap of it, which this test owns.
+  void* r =
+      ::mmap(nullptr, 2 * kHeap, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  ASSERT_NE(r, MAP_FAILED) << strerror(errno);
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(r), hi = lo + 2 * kHeap;
+  const uintptr_t b = (lo + kHeap - 1) & ~(kHeap - 1);
+  auto unmap = [](uintptr_t s, uintptr_t e) {
+    if (e > s) {
+      ASSERT_EQ(::munmap(reinterpret_cast<void*>(s), e - s), 0) << strerror(errno);
+    }
+  };
+  unmap(lo, b);
+  unmap(b + kHeap, hi);
+  void* rw = ::mmap(reinterpret_cast<void*>(b), 56 * kMiB, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+  ASSERT_EQ(rw, reinterpret_cast<void*>(b)) << strerror(errno);
+  char* buf = reinterpret_cast<char*>(b + 4 * kMiB);
+  const uintptr_t bs = b + 4 * kMiB, be = bs + 2 * kMiB;
+  Fill(buf, 2 * kMiB, 5);
+
+  ASSERT_TRUE(svm_->PrefetchToDevice(bs, be).ok());
+  EXPECT_EQ(*svm_->Scan(bs, be), Residency::kSystem) << "the heap shape is mapped remotely";
+  EXPECT_EQ(ops_.Count(bs, be), 512u);
+
+  // A hole between the boundary and the buffer: no longer one mprotect'ed run, so not a heap.
+  unmap(b + kMiB, b + 2 * kMiB);
+  ASSERT_TRUE(svm_->PrefetchToDevice(bs, be).ok());
+  EXPECT_EQ(*svm_->Scan(bs, be), Residency::kDevice);
+  EXPECT_TRUE(Check(buf, 2 * kMiB, 5));
+
+  // The hole may hold another thread's mapping by now: unmap only what is ours.
+  svm_->Evict(bs, be).IgnoreError();
+  unmap(b, b + kMiB);
+  unmap(b + 2 * kMiB, b + kHeap);
+}
+
 // ---- policy: threshold prefetcher, access counters, advice, replaceable policy ------------------
 
 TEST_F(SvmManagerTest, ThresholdPrefetcherGrowsAFaultIntoTheRegion) {
