@@ -1,4 +1,5 @@
-/* The test_hmm-compatible device ("dmirror") over hmmkit's emulated accelerator.
+/** @file
+ * The test_hmm-compatible device ("dmirror") over hmmkit's emulated accelerator.
  *
  * The kernel's test_hmm module exposes /dev/hmm_dmirror0..3; this API offers the same commands to
  * the calling process, over its real address space, without the module. Devices 0 and 1 have
@@ -49,10 +50,10 @@ struct hmm_dmirror_cmd {
 #define HMM_DMIRROR_RELEASE _IOWR('H', 0x07, struct hmm_dmirror_cmd)
 #define HMM_DMIRROR_FLAGS _IOWR('H', 0x08, struct hmm_dmirror_cmd) /* cmd.npages = flags */
 
-/* The next device allocation (or, migrating back, system allocation) fails once. */
+/** The next device allocation (or, migrating back, system allocation) fails once. */
 #define HMM_DMIRROR_FLAG_FAIL_ALLOC (1ULL << 0)
 
-/* SNAPSHOT: one byte per page. */
+/** SNAPSHOT: one byte per page. */
 enum {
   HMM_DMIRROR_PROT_ERROR = 0xFF,
   HMM_DMIRROR_PROT_NONE = 0x00,
@@ -67,16 +68,16 @@ enum {
   HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE = 0x50,
 };
 
-/* Opens device `index` (0..3). Returns a handle >= 0, or -1 with errno (ENODEV: no such device;
+/** Opens device `index` (0..3). Returns a handle >= 0, or -1 with errno (ENODEV: no such device;
  * ENOTSUP: no userfaultfd). */
 int hmm_dmirror_open(unsigned index);
-/* Runs one command. Returns 0, or -1 with errno (see above). */
+/** Runs one command. Returns 0, or -1 with errno (see above). */
 int hmm_dmirror_ioctl(int handle, unsigned long request, struct hmm_dmirror_cmd* cmd);
-/* mmap of a device handle: `length` bytes of driver-owned pages (kernel: pages the driver
+/** mmap of a device handle: `length` bytes of driver-owned pages (kernel: pages the driver
  * inserts), mapped shared; they snapshot as READ (and WRITE with PROT_WRITE). Returns MAP_FAILED
  * with errno on error. */
 void* hmm_dmirror_mmap(int handle, void* addr, size_t length, int prot, int flags, off_t offset);
-/* Closes the handle; its mirror is dropped. Returns 0, or -1 with errno EINVAL. */
+/** Closes the handle; its mirror is dropped. Returns 0, or -1 with errno EINVAL. */
 int hmm_dmirror_close(int handle);
 
 #ifdef __cplusplus

@@ -1,4 +1,5 @@
-/* The C interface of hmmkit's SVM application API (the C++ API is hmmkit/svm.hpp).
+/** @file
+ * The C interface of hmmkit's SVM application API (the C++ API is hmmkit/svm.hpp).
  *
  * Every function that can fail returns 0 on success or a negative errno value, and records a
  * message naming the address and the reason, which hmmkit_svm_last_error() returns (per thread,
@@ -34,10 +35,10 @@ typedef struct hmmkit_svm_kctx hmmkit_svm_kctx;
 typedef void (*hmmkit_svm_kernel_fn)(hmmkit_svm_kctx* k, size_t index, void* arg);
 
 typedef struct hmmkit_svm_options {
-  const char* backend;       /* NULL or "": $HMMKIT_DEVICE, else "emu" */
-  size_t memory_bytes;       /* 0: 256 MiB */
-  unsigned compute_units;    /* 0: 4 */
-  int map_remotely_on_fault; /* nonzero: device faults map system memory instead of migrating */
+  const char* backend;       /**< NULL or "": $HMMKIT_DEVICE, else "emu" */
+  size_t memory_bytes;       /**< 0: 256 MiB */
+  unsigned compute_units;    /**< 0: 4 */
+  int map_remotely_on_fault; /**< nonzero: device faults map system memory instead of migrating */
 } hmmkit_svm_options;
 
 enum hmmkit_svm_location { HMMKIT_SVM_DEVICE = 0, HMMKIT_SVM_SYSTEM = 1 };
@@ -65,9 +66,9 @@ typedef struct hmmkit_svm_stats {
 
 const char* hmmkit_svm_last_error(void);
 
-/* options may be NULL (defaults). */
+/** options may be NULL (defaults). */
 int hmmkit_svm_open(const hmmkit_svm_options* options, hmmkit_svm_device** out);
-void hmmkit_svm_close(hmmkit_svm_device* dev); /* NULL is ignored */
+void hmmkit_svm_close(hmmkit_svm_device* dev); /**< NULL is ignored */
 const char* hmmkit_svm_name(const hmmkit_svm_device* dev);
 
 int hmmkit_svm_launch(hmmkit_svm_device* dev, size_t n, hmmkit_svm_kernel_fn fn, void* arg);
@@ -76,20 +77,20 @@ int hmmkit_svm_advise(hmmkit_svm_device* dev, const void* p, size_t len, int adv
 int hmmkit_svm_residency(hmmkit_svm_device* dev, const void* p, size_t len, int* residency);
 int hmmkit_svm_get_stats(const hmmkit_svm_device* dev, hmmkit_svm_stats* out);
 
-/* Streams: in-order asynchronous work; each call may return a fence (out may be NULL). */
+/** Streams: in-order asynchronous work; each call may return a fence (out may be NULL). */
 int hmmkit_svm_stream_create(hmmkit_svm_device* dev, hmmkit_svm_stream** out);
-void hmmkit_svm_stream_destroy(hmmkit_svm_stream* s); /* waits for queued work */
+void hmmkit_svm_stream_destroy(hmmkit_svm_stream* s); /**< waits for queued work */
 int hmmkit_svm_stream_launch(hmmkit_svm_stream* s, size_t n, hmmkit_svm_kernel_fn fn, void* arg,
                              hmmkit_svm_fence** out);
 int hmmkit_svm_stream_prefetch(hmmkit_svm_stream* s, const void* p, size_t len, int location,
                                hmmkit_svm_fence** out);
-int hmmkit_svm_stream_synchronize(hmmkit_svm_stream* s); /* first error since the last one */
-/* timeout_ms < 0: no limit. Returns the operation's result. */
+int hmmkit_svm_stream_synchronize(hmmkit_svm_stream* s); /**< first error since the last one */
+/** timeout_ms < 0: no limit. Returns the operation's result. */
 int hmmkit_svm_fence_wait(hmmkit_svm_fence* f, long timeout_ms);
-int hmmkit_svm_fence_ready(const hmmkit_svm_fence* f); /* 1 or 0 */
+int hmmkit_svm_fence_ready(const hmmkit_svm_fence* f); /**< 1 or 0 */
 void hmmkit_svm_fence_release(hmmkit_svm_fence* f);
 
-/* Inside a kernel. */
+/** Inside a kernel. */
 uint32_t hmmkit_svm_load_u32(hmmkit_svm_kctx* k, const uint32_t* p);
 uint64_t hmmkit_svm_load_u64(hmmkit_svm_kctx* k, const uint64_t* p);
 float hmmkit_svm_load_f32(hmmkit_svm_kctx* k, const float* p);

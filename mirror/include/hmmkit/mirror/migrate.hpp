@@ -1,33 +1,34 @@
-// Migration between system memory and device memory (kernel: migrate_vma_setup/pages/finalize,
-// migrate_device_range, make_device_exclusive), over the real address space.
-//
-// A driver migrates [start, end) of one VMA in three steps, exactly as in the kernel:
-//
-//   MigrateVma m{.start = s, .end = e, .src = src, .dst = dst, .pgmap_owner = owner,
-//                .flags = kSelectSystem, .dst_pagemap = &device_memory};
-//   MigrateVmaSetup(as, m);        // collect: src[i] has kMigrate for each page that can move;
-//                                  // present pages are write-protected (writers wait), every
-//                                  // other mirror gets a kMigrate invalidation with `owner`
-//   for each i with src[i] & kMigrate:
-//     allocate a device page, dst[i] = migrate_pfn::FromDevice(id) (the ref moves to hmmkit);
-//     copy from migrate_pfn::SystemAddress(src[i]) (or zero-fill when src[i] has no kValid:
-//     a hole or the zero page) with the DMA engine
-//   MigrateVmaPages(m);            // commit: the CPU page is zapped, a device entry installed
-//   MigrateVmaFinalize(m);         // restore what did not migrate, wake blocked writers
-//
-// The other direction selects kSelectDevicePrivate (or kSelectDeviceCoherent) pages of one
-// pagemap and fills dst with system pages from MigrateVmaAllocSystemPages.
-//
-// What moves (deliberate limits, as in the kernel): only private anonymous VMAs (MAP_SHARED and
-// file mappings are never migrated: src stays 0 and the caller reports ENOENT); pages pinned with
-// PinLongTerm, swapped pages, and pages that another thread unmapped or cleared during the
-// migration are skipped, never lost. Huge pages are migrated as 4 KiB pages (kCompound is not
-// produced yet; see docs/migration.md).
-//
-// Concurrency: migrations of overlapping ranges are serialized (the second waits in Setup). A CPU
-// write to a page being migrated blocks until Finalize, then faults the page back if it moved.
-// CPU reads see the old page until it is zapped. Setup must not be called from an Invalidate
-// callback or with a driver lock held that such a callback takes.
+/// @file
+/// Migration between system memory and device memory (kernel: migrate_vma_setup/pages/finalize,
+/// migrate_device_range, make_device_exclusive), over the real address space.
+///
+/// A driver migrates [start, end) of one VMA in three steps, exactly as in the kernel:
+///
+///   MigrateVma m{.start = s, .end = e, .src = src, .dst = dst, .pgmap_owner = owner,
+///                .flags = kSelectSystem, .dst_pagemap = &device_memory};
+///   MigrateVmaSetup(as, m);        // collect: src[i] has kMigrate for each page that can move;
+///                                  // present pages are write-protected (writers wait), every
+///                                  // other mirror gets a kMigrate invalidation with `owner`
+///   for each i with src[i] & kMigrate:
+///     allocate a device page, dst[i] = migrate_pfn::FromDevice(id) (the ref moves to hmmkit);
+///     copy from migrate_pfn::SystemAddress(src[i]) (or zero-fill when src[i] has no kValid:
+///     a hole or the zero page) with the DMA engine
+///   MigrateVmaPages(m);            // commit: the CPU page is zapped, a device entry installed
+///   MigrateVmaFinalize(m);         // restore what did not migrate, wake blocked writers
+///
+/// The other direction selects kSelectDevicePrivate (or kSelectDeviceCoherent) pages of one
+/// pagemap and fills dst with system pages from MigrateVmaAllocSystemPages.
+///
+/// What moves (deliberate limits, as in the kernel): only private anonymous VMAs (MAP_SHARED and
+/// file mappings are never migrated: src stays 0 and the caller reports ENOENT); pages pinned with
+/// PinLongTerm, swapped pages, and pages that another thread unmapped or cleared during the
+/// migration are skipped, never lost. Huge pages are migrated as 4 KiB pages (kCompound is not
+/// produced yet; see docs/migration.md).
+///
+/// Concurrency: migrations of overlapping ranges are serialized (the second waits in Setup). A CPU
+/// write to a page being migrated blocks until Finalize, then faults the page back if it moved.
+/// CPU reads see the old page until it is zapped. Setup must not be called from an Invalidate
+/// callback or with a driver lock held that such a callback takes.
 #pragma once
 
 #include <cstddef>
@@ -41,7 +42,7 @@
 
 namespace hmmkit {
 
-// Entry layout of MigrateVma::src/dst (the kernel's migrate_pfn bits).
+/// Entry layout of MigrateVma::src/dst (the kernel's migrate_pfn bits).
 namespace migrate_pfn {
 inline constexpr uint64_t kValid = 1ULL << 0;
 inline constexpr uint64_t kMigrate = 1ULL << 1;
@@ -67,7 +68,7 @@ enum MigrateSelect : uint32_t {
   kSelectSystem = 1u << 0,
   kSelectDevicePrivate = 1u << 1,
   kSelectDeviceCoherent = 1u << 2,
-  kSelectCompound = 1u << 3,  // accepted; huge pages still migrate as 4 KiB pages
+  kSelectCompound = 1u << 3,  ///< accepted; huge pages still migrate as 4 KiB pages
 };
 
 namespace detail {
@@ -76,67 +77,67 @@ struct MigrateState;
 
 struct MigrateVma {
   uintptr_t start = 0;
-  uintptr_t end = 0;                  // exclusive; [start, end) must lie in one VMA
-  std::span<uint64_t> src;            // (end - start) / page entries, written by Setup
-  std::span<uint64_t> dst;            // same size, written by the driver
-  size_t cpages = 0;                  // pages collected by Setup (src has kMigrate)
-  size_t npages = 0;                  // (end - start) / page
-  const void* pgmap_owner = nullptr;  // the migrating device; raised with kMigrate
-  uint32_t flags = 0;                 // MigrateSelect bits
-  // kSelectSystem: the pagemap the dst device page ids belong to (required).
+  uintptr_t end = 0;                  ///< exclusive; [start, end) must lie in one VMA
+  std::span<uint64_t> src;            ///< (end - start) / page entries, written by Setup
+  std::span<uint64_t> dst;            ///< same size, written by the driver
+  size_t cpages = 0;                  ///< pages collected by Setup (src has kMigrate)
+  size_t npages = 0;                  ///< (end - start) / page
+  const void* pgmap_owner = nullptr;  ///< the migrating device; raised with kMigrate
+  uint32_t flags = 0;                 ///< MigrateSelect bits
+  /// kSelectSystem: the pagemap the dst device page ids belong to (required).
   DevicePagemap* dst_pagemap = nullptr;
-  // kSelectDevice*: collect only this pagemap's pages (required; its owner must be pgmap_owner).
+  /// kSelectDevice*: collect only this pagemap's pages (required; its owner must be pgmap_owner).
   DevicePagemap* src_pagemap = nullptr;
 
-  std::shared_ptr<detail::MigrateState> state;  // hmmkit's; set by Setup, cleared by Finalize
+  std::shared_ptr<detail::MigrateState> state;  ///< hmmkit's; set by Setup, cleared by Finalize
 };
 
-// Collects the pages. Errors: EINVAL (unaligned, empty, spans more than one VMA, no VMA, no select
-// flag, missing pagemap, entries too short), ENOTSUP (no userfaultfd monitor: migration needs it),
-// registration errors. After an error nothing was changed and Finalize need not be called.
+/// Collects the pages. Errors: EINVAL (unaligned, empty, spans more than one VMA, no VMA, no select
+/// flag, missing pagemap, entries too short), ENOTSUP (no userfaultfd monitor: migration needs it),
+/// registration errors. After an error nothing was changed and Finalize need not be called.
 Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m);
 
-// For device->system migrations: points dst[i] at a fresh system staging page for every collected
-// page (hmmkit owns the staging memory; it is released by Finalize). Pages for which the driver
-// wants no migration keep dst[i] = 0. Errors: ENOMEM.
+/// For device->system migrations: points dst[i] at a fresh system staging page for every collected
+/// page (hmmkit owns the staging memory; it is released by Finalize). Pages for which the driver
+/// wants no migration keep dst[i] = 0. Errors: ENOMEM.
 Status MigrateVmaAllocSystemPages(MigrateVma& m);
 
-// Commits every page with src kMigrate and dst kValid: the CPU now reaches it only through the
-// device (private), the device page (coherent), or the new system page. Pages that raced with an
-// unmap or clear lose kMigrate in src. Errors: unexpected system call failures; the pages not
-// committed are restored by Finalize either way.
+/// Commits every page with src kMigrate and dst kValid: the CPU now reaches it only through the
+/// device (private), the device page (coherent), or the new system page. Pages that raced with an
+/// unmap or clear lose kMigrate in src. Errors: unexpected system call failures; the pages not
+/// committed are restored by Finalize either way.
 Status MigrateVmaPages(MigrateVma& m);
 
-// Ends the migration: pages not migrated stay where they were with their data, device pages in dst
-// that were not used are released (PutPage), writers blocked since Setup resume. Always succeeds.
+/// Ends the migration: pages not migrated stay where they were with their data, device pages in dst
+/// that were not used are released (PutPage), writers blocked since Setup resume. Always succeeds.
 void MigrateVmaFinalize(MigrateVma& m);
 
-// migrate_device_range: moves the given pages of `pm` back to system memory wherever `as`
-// maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped. Data is
-// copied with pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock
-// that an Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
+/// migrate_device_range: moves the given pages of `pm` back to system memory wherever `as`
+/// maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped. Data is
+/// copied with pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock
+/// that an Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids);
 
-// Moves every page of `pm` that `as` maps back to system memory. A driver calls it before it
-// destroys the pagemap (the pgmap lifetime rule). Errors: as MigrateDevicePages.
+/// Moves every page of `pm` that `as` maps back to system memory. A driver calls it before it
+/// destroys the pagemap (the pgmap lifetime rule). Errors: as MigrateDevicePages.
 Status MigrateAllToRam(AddressSpace& as, DevicePagemap& pm);
 
-// The default migrate_to_ram: brings back the pages of `pm` in the fault window around `addr`
-// (AddressSpace::Options::fault_window pages, aligned, clipped to the VMA), honouring the
-// migration timeslice. Used by DevicePagemap::MigrateToRam's default.
+/// The default migrate_to_ram: brings back the pages of `pm` in the fault window around `addr`
+/// (AddressSpace::Options::fault_window pages, aligned, clipped to the VMA), honouring the
+/// migration timeslice. Used by DevicePagemap::MigrateToRam's default.
 Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr);
 
-// make_device_exclusive: takes [start, end) out of the CPU's reach for device `owner` (device
-// atomics). Each page is faulted in writable, a kExclusive invalidation with `owner` is raised,
-// and its bytes move to hmmkit-owned memory; data[i] receives where page i now lives (the device
-// maps that). A CPU access raises a kExclusive invalidation with owner nullptr (the device must
-// drop its mapping), then restores the page. Errors: EFAULT/EPERM as range_fault with a write
-// fault, EINVAL, ENOTSUP (no monitor).
+/// make_device_exclusive: takes [start, end) out of the CPU's reach for device `owner` (device
+/// atomics). Each page is faulted in writable, a kExclusive invalidation with `owner` is raised,
+/// and its bytes move to hmmkit-owned memory; data[i] receives where page i now lives (the device
+/// maps that). A CPU access raises a kExclusive invalidation with owner nullptr (the device must
+/// drop its mapping), then restores the page. Errors: EFAULT/EPERM as range_fault with a write
+/// fault, EINVAL, ENOTSUP (no monitor).
 Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, const void* owner,
                            std::span<void*> data);
 
-// FOLL_LONGTERM: migrates device pages in [start, end) back to system memory, then pins the range
-// (its pages are skipped by later migrations until UnpinLongTerm). Errors: as range_fault.
+/// FOLL_LONGTERM: migrates device pages in [start, end) back to system memory, then pins the range
+/// (its pages are skipped by later migrations until UnpinLongTerm). Errors: as range_fault.
 Status PinLongTerm(AddressSpace& as, uintptr_t start, uintptr_t end);
 void UnpinLongTerm(AddressSpace& as, uintptr_t start, uintptr_t end);
 

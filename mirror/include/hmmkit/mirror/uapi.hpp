@@ -1,7 +1,8 @@
-// Kernel uAPI that Debian 12's headers (Linux 6.1) predate, defined locally from the published ABI.
-// Each block is guarded so that newer system headers win. Nothing here is used without a run-time
-// probe (see kernel_features.hpp): a definition being present says nothing about the running
-// kernel.
+/// @file
+/// Kernel uAPI that Debian 12's headers (Linux 6.1) predate, defined locally from the published
+/// ABI. Each block is guarded so that newer system headers win. Nothing here is used without a
+/// run-time probe (see kernel_features.hpp): a definition being present says nothing about the
+/// running kernel.
 #pragma once
 
 #include <linux/fs.h>
@@ -46,8 +47,8 @@ struct uffdio_move {
   __u64 dst;
   __u64 src;
   __u64 len;
-  __u64 mode;  // UFFDIO_MOVE_MODE_*
-  __s64 move;  // out: bytes moved, or -errno
+  __u64 mode;  ///< UFFDIO_MOVE_MODE_*
+  __s64 move;  ///< out: bytes moved, or -errno
 };
 #define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1 << 0)
 #define UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES ((__u64)1 << 1)
@@ -61,7 +62,7 @@ struct uffdio_move {
 struct uffdio_poison {
   struct uffdio_range range;
   __u64 mode;
-  __s64 updated;  // out: bytes poisoned, or -errno
+  __s64 updated;  ///< out: bytes poisoned, or -errno
 };
 #define UFFDIO_POISON_MODE_DONTWAKE ((__u64)1 << 0)
 #define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
@@ -80,7 +81,7 @@ struct uffdio_poison {
 
 struct page_region {
   __u64 start;
-  __u64 end;  // exclusive
+  __u64 end;  ///< exclusive
   __u64 categories;
 };
 
@@ -92,7 +93,7 @@ struct pm_scan_arg {
   __u64 flags;
   __u64 start;
   __u64 end;
-  __u64 walk_end;  // out: where the walk stopped
+  __u64 walk_end;  ///< out: where the walk stopped
   __u64 vec;
   __u64 vec_len;
   __u64 max_pages;
@@ -120,15 +121,15 @@ struct procmap_query {
   __u64 size;
   __u64 query_flags;
   __u64 query_addr;
-  __u64 vma_start;  // out
-  __u64 vma_end;    // out, exclusive
-  __u64 vma_flags;  // out: PROCMAP_QUERY_VMA_*
+  __u64 vma_start;  ///< out
+  __u64 vma_end;    ///< out, exclusive
+  __u64 vma_flags;  ///< out: PROCMAP_QUERY_VMA_*
   __u64 vma_page_size;
   __u64 vma_offset;
   __u64 inode;
   __u32 dev_major;
   __u32 dev_minor;
-  __u32 vma_name_size;  // in: buffer size; out: name length incl. NUL, 0 when anonymous
+  __u32 vma_name_size;  ///< in: buffer size; out: name length incl. NUL, 0 when anonymous
   __u32 build_id_size;
   __u64 vma_name_addr;
   __u64 build_id_addr;
@@ -146,16 +147,16 @@ static_assert(sizeof(struct uffdio_move) == 40, "uffdio_move ABI");
 namespace hmmkit::pagemap_bits {
 inline constexpr __u64 kPfnMask = (1ULL << 55) - 1;
 inline constexpr __u64 kSoftDirty = 1ULL << 55;
-inline constexpr __u64 kExclusive = 1ULL << 56;  // page mapped by exactly one process
+inline constexpr __u64 kExclusive = 1ULL << 56;  ///< page mapped by exactly one process
 inline constexpr __u64 kUffdWp = 1ULL << 57;
 inline constexpr __u64 kFileOrShared = 1ULL << 61;
 inline constexpr __u64 kSwapped = 1ULL << 62;
 inline constexpr __u64 kPresent = 1ULL << 63;
 }  // namespace hmmkit::pagemap_bits
 
-// /proc/kpageflags bits used to tell a THP or hugetlb page in the pagemap fallback.
+/// /proc/kpageflags bits used to tell a THP or hugetlb page in the pagemap fallback.
 namespace hmmkit::kpageflags_bits {
 inline constexpr __u64 kCompoundHead = 1ULL << 15;
-inline constexpr __u64 kHuge = 1ULL << 17;  // hugetlb
+inline constexpr __u64 kHuge = 1ULL << 17;  ///< hugetlb
 inline constexpr __u64 kThp = 1ULL << 22;
 }  // namespace hmmkit::kpageflags_bits

@@ -1,4 +1,5 @@
-// JSON text helpers shared by hmmkit's tools (hmmctl info, hmmctl bench): no parser, no DOM.
+/// @file
+/// JSON text helpers shared by hmmkit's tools (hmmctl info, hmmctl bench): no parser, no DOM.
 #pragma once
 
 #include <cstdio>
@@ -7,7 +8,7 @@
 
 namespace hmmkit {
 
-// `s` as a JSON string literal, quotes included: control characters escaped, UTF-8 passed through.
+/// `s` as a JSON string literal, quotes included: control characters escaped, UTF-8 passed through.
 inline std::string JsonString(std::string_view s) {
   std::string out = "\"";
   for (char ch : s) {

@@ -1,6 +1,7 @@
-// Annotated mutex and lock guards. Every hmmkit lock is a hmmkit::Mutex so that Clang checks the
-// lock discipline, and debug builds can assert "held by this thread" where the compiler cannot see
-// (callbacks, virtual calls): see AssertHeld().
+/// @file
+/// Annotated mutex and lock guards. Every hmmkit lock is a hmmkit::Mutex so that Clang checks the
+/// lock discipline, and debug builds can assert "held by this thread" where the compiler cannot see
+/// (callbacks, virtual calls): see AssertHeld().
 #pragma once
 
 #include <atomic>
@@ -13,7 +14,7 @@
 
 namespace hmmkit {
 
-// A non-recursive mutex with an owner record for run-time "held" assertions. Not copyable.
+/// A non-recursive mutex with an owner record for run-time "held" assertions. Not copyable.
 class CAPABILITY("mutex") Mutex {
  public:
   Mutex() = default;
@@ -33,11 +34,11 @@ class CAPABILITY("mutex") Mutex {
     owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
     return true;
   }
-  // True when the calling thread holds the mutex. Exact for the caller's own thread.
+  /// True when the calling thread holds the mutex. Exact for the caller's own thread.
   bool HeldByMe() const {
     return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
   }
-  // Tells the analysis (and, in debug builds, checks) that the caller holds the mutex.
+  /// Tells the analysis (and, in debug builds, checks) that the caller holds the mutex.
   void AssertHeld() const ASSERT_CAPABILITY(this);
 
   std::mutex& native() { return mu_; }
@@ -57,7 +58,7 @@ inline void Mutex::AssertHeld() const {
 #endif
 }
 
-// Scoped lock of a Mutex.
+/// Scoped lock of a Mutex.
 class SCOPED_CAPABILITY MutexLock {
  public:
   explicit MutexLock(Mutex& mu) ACQUIRE(mu) : mu_(mu) { mu_.lock(); }
@@ -69,7 +70,7 @@ class SCOPED_CAPABILITY MutexLock {
   Mutex& mu_;
 };
 
-// Condition variable that waits on a held hmmkit::Mutex.
+/// Condition variable that waits on a held hmmkit::Mutex.
 class CondVar {
  public:
   template <class Pred>
@@ -84,7 +85,7 @@ class CondVar {
     });
     lk.release();
   }
-  // Returns false on timeout (predicate still false).
+  /// Returns false on timeout (predicate still false).
   template <class Pred, class Clock, class Dur>
   bool WaitUntil(Mutex& mu, std::chrono::time_point<Clock, Dur> deadline, Pred pred) REQUIRES(mu) {
     std::unique_lock<std::mutex> lk(mu.native(), std::adopt_lock);

@@ -1,6 +1,7 @@
-// Which sanitizer this translation unit is built with, detected once for GCC (__SANITIZE_*__) and
-// Clang (__has_feature). hmmkit adapts where a sanitizer's runtime shares the address space with
-// the application: its heap is a fixed region, and its mappings merge with the application's.
+/// @file
+/// Which sanitizer this translation unit is built with, detected once for GCC (__SANITIZE_*__) and
+/// Clang (__has_feature). hmmkit adapts where a sanitizer's runtime shares the address space with
+/// the application: its heap is a fixed region, and its mappings merge with the application's.
 #pragma once
 
 #if defined(__has_feature)

@@ -1,6 +1,7 @@
-// Clang thread-safety annotations. Under Clang with -Wthread-safety the compiler checks that every
-// GUARDED_BY field is touched with its lock held and that REQUIRES/EXCLUDES contracts hold; under
-// GCC the macros expand to nothing. The project's lock order is in docs/locking.md.
+/// @file
+/// Clang thread-safety annotations. Under Clang with -Wthread-safety the compiler checks that every
+/// GUARDED_BY field is touched with its lock held and that REQUIRES/EXCLUDES contracts hold; under
+/// GCC the macros expand to nothing. The project's lock order is in docs/locking.md.
 #pragma once
 
 #if defined(__clang__)
