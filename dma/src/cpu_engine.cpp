@@ -15,6 +15,7 @@
 
 #include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/trace.hpp"
 
 namespace hmmkit::dma {
 
@@ -58,6 +59,14 @@ Status SystemFault(int err, size_t index, bool source, const void* addr, const D
                                             source ? "readable" : "writable", ErrnoName(err), op));
 }
 
+trace::DmaDir DirOf(const Descriptor& d) {
+  const bool from_dev =
+      (d.op == Descriptor::Op::kCopy ? d.src.memory : d.dst.memory) == Memory::kDevice;
+  const bool to_dev = d.dst.memory == Memory::kDevice;
+  if (from_dev) return to_dev ? trace::DmaDir::kD2D : trace::DmaDir::kD2H;
+  return to_dev ? trace::DmaDir::kH2D : trace::DmaDir::kH2H;
+}
+
 }  // namespace
 
 // One accepted batch: its fence and a private copy of its descriptors. Shared by its pieces.
@@ -72,6 +81,27 @@ struct CpuDmaEngine::Batch {
   const std::vector<Descriptor> descs;
   std::vector<std::atomic<bool>> latency_charged;  // the descriptor's latency is on the link
   std::vector<std::atomic<bool>> failed;           // counted in failed_descriptors
+  // Tracing: set at Submit when it is on (trace_begin 0: not traced). The last piece to finish
+  // records the batch's "dma_copy".
+  uint64_t trace_begin = 0;
+  uint16_t trace_track = 0;
+  uint64_t trace_bytes = 0;
+  size_t trace_units = 0;
+  std::atomic<size_t> pieces_left{0};
+
+  // Called once per finished piece of a traced batch.
+  void TracePieceDone() {
+    if (pieces_left.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+    trace::Event e;
+    e.ts_ns = trace_begin;
+    e.dur_ns = trace::NowNs() - trace_begin;
+    e.track = trace_track;
+    e.name = trace::Name::kDmaCopy;
+    e.a[0] = trace_bytes;
+    e.a[1] = trace_units;
+    e.small = uint32_t(DirOf(descs.front()));
+    trace::Record(e);
+  }
 };
 
 Result<std::unique_ptr<CpuDmaEngine>> CpuDmaEngine::Create(const Options& options) {
@@ -139,6 +169,7 @@ CpuDmaEngine::~CpuDmaEngine() {
   }
   queue_cv_.NotifyAll();
   for (std::thread& t : workers_) t.join();  // each worker drains the queue before it exits
+  trace::ForgetTrackKey(this);
 }
 
 Result<Fence> CpuDmaEngine::Submit(std::span<const Descriptor> batch) {
@@ -153,6 +184,13 @@ Result<Fence> CpuDmaEngine::Submit(std::span<const Descriptor> batch) {
     bytes += d.len;
   }
   auto shared = std::make_shared<Batch>(batch, units);
+  if (trace::Enabled()) {
+    shared->trace_begin = trace::NowNs();
+    shared->trace_track = trace::TrackFor(this, trace::TrackKind::kDma, name());
+    shared->trace_bytes = bytes;
+    shared->trace_units = units;
+    shared->pieces_left.store(units, std::memory_order_relaxed);
+  }
   std::vector<Piece> pieces;
   pieces.reserve(units);
   for (size_t i = 0; i < batch.size(); ++i) {
@@ -201,6 +239,7 @@ void CpuDmaEngine::WorkerLoop() {
       queue_.pop_front();
     }
     Status status = RunPiece(piece, scratch);
+    if (piece.batch->trace_begin != 0) piece.batch->TracePieceDone();
     // The fence may complete here: waiters wake, handlers are posted. No engine lock is held.
     piece.batch->signal.Finish(piece.index, std::move(status));
   }

@@ -19,6 +19,7 @@
 
 #include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/driver/device_memory.hpp"
 
 namespace hmmkit::driver {
@@ -164,7 +165,12 @@ Status DeviceMemory::EvictRoundLocked(std::vector<uint64_t>& tried, bool need_wh
               ids.size());
 
   mu_.unlock();
-  Status st = CallEvict(ids);
+  Status st;
+  {
+    // The hook's migrations report "migrate" and "evict" events with this cause.
+    const trace::CauseScope cause(trace::Cause::kEvict);
+    st = CallEvict(ids);
+  }
   mu_.lock();
 
   --evictions_in_flight_;

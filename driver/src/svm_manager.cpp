@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <bit>
+#include <optional>
 
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/base/sanitizer.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/driver/device_migration.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
@@ -229,6 +231,17 @@ SvmFault SvmManager::DescribeFault(SvmRange& r, uintptr_t addr, bool write, bool
       r.migrations.clear();
       stats_.thrashing_events++;
       f.thrashing = true;
+      if (trace::Enabled()) {
+        trace::Event e;
+        e.ts_ns = trace::NowNs();
+        e.instant = true;
+        e.name = trace::Name::kThrash;
+        e.track = trace::TrackFor(memory_.owner(), trace::TrackKind::kDevice);
+        e.a[0] = r.start;
+        e.a[1] = r.end;
+        e.a[2] = uint64_t(options_.thrash_pin.count());
+        trace::Record(e);
+      }
       Log().debug("svm: range {:#x}-{:#x} thrashes; pinned to system memory for {} ms", r.start,
                   r.end, options_.thrash_pin.count());
     }
@@ -340,6 +353,7 @@ void SvmManager::MaybeGrow(uintptr_t addr, const Vma& vma) {
     return d.kind != PageKind::kSystem && d.owner == memory_.owner();
   }));
   if (ours == n || double(ours) < options_.prefetch_threshold * double(n)) return;
+  const trace::CauseScope cause(trace::Cause::kPrefetch);
   auto moved = MigrateSpan(gs, ge);
   if (!moved.ok() || *moved == 0) return;
   {
@@ -428,13 +442,26 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
   // The range may cross into a later VMA only if it was made for an earlier mapping that was
   // replaced; the VMA at addr decides the policy either way.
   const bool migrate = f.migratable && policy_->OnDeviceFault(f) == Placement::kMigrate;
-  const Moved moved = migrate ? MigrateRange(*r) : Moved::kNothing;
+  Moved moved = Moved::kNothing;
+  if (migrate) {
+    const trace::CauseScope cause(trace::Cause::kFault);
+    moved = MigrateRange(*r);
+  }
   const bool migrated = moved == Moved::kSome;
+  std::optional<trace::Span> remote;  // "map_remote": the mapping of what stayed in system memory
   if (!migrate || moved == Moved::kFailed) {  // what did not move is reached remotely
     MutexLock lock(mu_);
     stats_.remote_maps++;
+    if (trace::Enabled()) {
+      remote.emplace(trace::Name::kMapRemote,
+                     trace::TrackFor(memory_.owner(), trace::TrackKind::kDevice));
+      remote->ev.a[0] = r->start;
+      remote->ev.a[1] = r->end;
+      remote->ev.a[2] = (r->end - r->start) / page_;
+    }
   }
   Status st = GetPagesAndMap(*r, write);
+  remote.reset();
   if (st.errno_value() == EFAULT) {
     // Part of the range was unmapped after it was made (its event may have been dispatched only
     // now): drop the range and fault once more with one made for the mapping as it is.
@@ -479,6 +506,7 @@ Status SvmManager::HandleAccessCounter(uintptr_t addr) {
     f = DescribeFault(*r, addr, /*write=*/false, migratable);
   }
   if (!f.migratable || !policy_->PromoteHotRange(f)) return Status::Ok();
+  const trace::CauseScope cause(trace::Cause::kPromotion);
   if (MigrateRange(*r) != Moved::kSome) return Status::Ok();  // already there, or no room
   {
     MutexLock lock(mu_);
@@ -546,6 +574,7 @@ SvmAttributes SvmManager::AttributesAt(uintptr_t addr) const {
 
 Status SvmManager::PrefetchToDevice(uintptr_t start, uintptr_t end) {
   MutexLock op(op_mu_);
+  const trace::CauseScope cause(trace::Cause::kPrefetch);
   CollectGarbageLocked();
   for (uintptr_t addr = start & ~(uintptr_t(page_) - 1); addr < end;) {
     auto vma = VmaFor(addr);
@@ -639,7 +668,10 @@ size_t SvmManager::CollectGarbageLocked() {
   }
   // What is still mapped of a dead range goes back to system memory: a range is never split, so
   // its surviving part is handled again, as a new range, on its next fault.
-  for (auto [s, e] : dead) EvictLocked(s, e).IgnoreError();
+  {
+    const trace::CauseScope cause(trace::Cause::kEvict);
+    for (auto [s, e] : dead) EvictLocked(s, e).IgnoreError();
+  }
   std::vector<std::unique_ptr<Window>> empty_windows;
   {
     MutexLock lock(mu_);

@@ -11,6 +11,7 @@
 
 #include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/mirror/address_space.hpp"
 #include "hmmkit/mirror/migrate.hpp"
 
@@ -345,12 +346,33 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   // error) leave the page on the device, intact: try again, a bounded number of times. The CPU
   // access has no error to return; giving up costs the process a SIGBUS.
   Status st;
+  // Traced as one "cpu_fault" covering the pages the migrations below brought back (none: the
+  // fault needed no fault-back and is not traced).
+  const trace::CauseScope cause(trace::Cause::kCpuFault);
+  trace::MovedCollector moved;
+  trace::Span span(trace::Name::kCpuFault, trace::kCpuFaultTrack);
+  span.ev.small = fault.write ? 1 : 0;
+  auto traced = [&] {
+    if (moved.pages == 0) {
+      span.Cancel();
+      return;
+    }
+    span.ev.a[0] = moved.start;
+    span.ev.a[1] = moved.end;
+    span.ev.a[2] = moved.pages;
+  };
   const auto again_deadline = std::chrono::steady_clock::now() + kFaultBackAgainFor;
   for (int attempt = 1;; ++attempt) {
     DeviceEntry e;
-    if (resolve_unless_on_device(nullptr, &e)) return Status::Ok();
+    if (resolve_unless_on_device(nullptr, &e)) {
+      traced();
+      return Status::Ok();
+    }
     st = e.exclusive ? RestoreExclusive(pg, pg + page_) : e.pagemap->MigrateToRam(as_, pg);
-    if (st.ok() && resolve_unless_on_device(&e, nullptr)) return Status::Ok();
+    if (st.ok() && resolve_unless_on_device(&e, nullptr)) {
+      traced();
+      return Status::Ok();
+    }
     if (st.ok()) st = Status::FromErrno(EIO, "migrate_to_ram left the page on the device");
     // EAGAIN (the mm is changing) always passes: it is retried until a deadline, not a count.
     if (st.errno_value() == EAGAIN ? std::chrono::steady_clock::now() > again_deadline
@@ -364,6 +386,7 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   Log().error("CPU fault at {:#x}: device page not migrated back ({}); poisoning the page",
               fault.address, st.ToString());
   if (!monitor.Poison(pg, page_).ok()) monitor.Wake(pg, page_).IgnoreError();
+  traced();
   return Status::Ok();
 }
 

@@ -18,6 +18,7 @@
 #include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/internal_memory.hpp"
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/notifier.hpp"
 
@@ -41,6 +42,8 @@ struct MigrateState final : IntervalNotifierOps {
   std::vector<uint8_t> committed;        // per page: Pages committed it
   void* staging = nullptr;
   size_t staging_len = 0;
+  uint64_t trace_begin = 0;  // NowNs() at Setup when tracing; 0: not traced
+  trace::Cause cause = trace::Cause::kExplicit;
 
   Mutex mu;
   std::vector<std::pair<uintptr_t, uintptr_t>> gone GUARDED_BY(mu);
@@ -142,6 +145,35 @@ Status MoveStagingOver(MmMonitor& monitor, const Vma& vma, uintptr_t va, void* s
   return entries.EnsureRouted(va, va + len);
 }
 
+// One "migrate" event per run of committed pages (and an "evict" for each when the cause is an
+// eviction); runs that came back are reported to the thread's MovedCollector (CPU fault-back).
+void TraceCommitted(const MigrateVma& m, const MigrateState& st) {
+  const DevicePagemap* pm = st.to_device ? m.dst_pagemap : m.src_pagemap;
+  const uint16_t track =
+      trace::TrackFor(pm != nullptr ? pm->owner() : nullptr, trace::TrackKind::kDevice);
+  const uint64_t now = trace::NowNs();
+  ForEachRun(
+      m.npages, [&](size_t i) { return st.committed[i] != 0; },
+      [&](size_t i, size_t k) {
+        trace::Event e;
+        e.ts_ns = st.trace_begin;
+        e.dur_ns = now - st.trace_begin;
+        e.track = track;
+        e.name = trace::Name::kMigrate;
+        e.a[0] = m.start + i * st.page;
+        e.a[1] = e.a[0] + k * st.page;
+        e.a[2] = k;
+        e.small = trace::MigrateSmall(st.to_device, st.cause);
+        trace::Record(e);
+        if (!st.to_device) trace::MovedCollector::Note(e.a[0], e.a[1], k);
+        if (st.cause == trace::Cause::kEvict && !st.to_device) {
+          e.name = trace::Name::kEvict;
+          e.small = 0;
+          trace::Record(e);
+        }
+      });
+}
+
 }  // namespace
 
 Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
@@ -177,6 +209,10 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   m.cpages = 0;
 
   auto st = std::make_shared<MigrateState>();
+  if (trace::Enabled()) {
+    st->trace_begin = trace::NowNs();
+    st->cause = trace::CurrentCause();
+  }
   st->as = &as;
   st->entries = &as.device_entries();
   st->monitor = monitor;
@@ -449,6 +485,8 @@ void MigrateVmaFinalize(MigrateVma& m) {
   MigrateState& st = *keep;
   MmMonitor& monitor = *st.monitor;
   const size_t page = st.page, n = m.npages;
+  // Before the wake-ups below: after them the device (and its pagemap) may go away.
+  if (st.trace_begin != 0) TraceCommitted(m, st);
 
   if (st.to_device) {
     // Unused destination pages go back to the device.

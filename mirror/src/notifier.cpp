@@ -33,6 +33,7 @@
 #include <limits>
 
 #include "hmmkit/base/log.hpp"
+#include "hmmkit/base/trace.hpp"
 
 namespace hmmkit {
 
@@ -308,8 +309,36 @@ void NotifierTree::EndInvalidation() {
   cv_.NotifyAll();
 }
 
+namespace {
+
+trace::InvalidateKind TraceKindOf(InvalidateEvent event) {
+  switch (event) {
+    case InvalidateEvent::kUnmap:
+      return trace::InvalidateKind::kUnmap;
+    case InvalidateEvent::kClear:
+      return trace::InvalidateKind::kClear;
+    case InvalidateEvent::kProtectionVma:
+    case InvalidateEvent::kProtectionPage:
+      return trace::InvalidateKind::kMprotect;
+    case InvalidateEvent::kMigrate:
+      return trace::InvalidateKind::kMigrate;
+    case InvalidateEvent::kExclusive:
+      return trace::InvalidateKind::kExclusive;
+    case InvalidateEvent::kRelease:
+      return trace::InvalidateKind::kRelease;
+  }
+  return trace::InvalidateKind::kClear;
+}
+
+}  // namespace
+
 size_t NotifierTree::CallOverlapping(const NotifierRange& range, uint64_t cur_seq) {
   if (range.end <= range.start) return 0;  // an empty range overlaps nothing
+  // One "invalidate" per dispatch, lasting as long as the callbacks run.
+  trace::Span span(trace::Name::kInvalidate, trace::kNotifierTrack);
+  span.ev.a[0] = range.start;
+  span.ev.a[1] = range.end;
+  span.ev.small = uint32_t(TraceKindOf(range.event));
   const std::thread::id me = std::this_thread::get_id();
   size_t called = 0;
   Key last;  // {0, 0}: before every subscription

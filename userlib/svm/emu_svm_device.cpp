@@ -46,6 +46,7 @@
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/base/mutex.hpp"
 #include "hmmkit/base/sanitizer.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/dma/cpu_engine.hpp"
 #include "hmmkit/driver/device_memory.hpp"
 #include "hmmkit/driver/svm_manager.hpp"
@@ -57,6 +58,7 @@
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
 #include "hmmkit/svm.hpp"
+#include "stats_publisher.hpp"
 
 namespace hmmkit::svm {
 
@@ -275,6 +277,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   }
 
   ~EmuSvmDevice() override {
+    detail::StatsPublisher::Get().Remove(stats_handle_);  // first: stats() still works
     faults_.Shutdown();
     if (service_.joinable()) service_.join();
     {
@@ -289,6 +292,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
       svm_.reset();
     }
     if (memory_) MigrateAllToRam(*as_, *memory_).IgnoreError();
+    trace::ForgetTrackKey(this);
   }
 
   Status Launch(size_t n, const Kernel& kernel) override {
@@ -348,6 +352,7 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     if (!pages.ok()) return pages.status();
     auto [s, e] = *pages;
     HMMKIT_RETURN_IF_ERROR(CheckMapped(s, e, "Prefetch"));
+    const trace::CauseScope cause(trace::Cause::kPrefetch);
     return to == Location::kDevice ? svm_->PrefetchToDevice(s, e) : svm_->Evict(s, e);
   }
 
@@ -474,6 +479,8 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     if (!svm.ok()) return svm.status();
     svm_ = std::move(*svm);
     cpu_faults_base_ = as_->monitor()->stats().faults;
+    // This device's trace track: its pgmap owner (this) names it for the migration code too.
+    track_ = trace::TrackFor(this, trace::TrackKind::kDevice, name_);
     service_ = std::thread([this] {
       InternalThreadScope internal;
       faults_.ServiceLoop([this](auto batch) { return Service(batch); });
@@ -486,10 +493,33 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     Log().info("{}: emulated SVM device, {} compute units, {} MiB device memory, {} on fault",
                name_, o.compute_units, o.memory_bytes >> 20,
                o.migrate_on_fault ? "migrate" : "map remotely");
+    AddressSpace* space_for_stats = as_.get();
+    stats_handle_ = detail::StatsPublisher::Get().Add(
+        detail::PublishedDevice{name_, "emulated", [this] { return stats(); },
+                                [space_for_stats] { return space_for_stats->monitor()->stats(); }});
     return Status::Ok();
   }
 
+  // A "device_fault_batch" event for the batch: its span of addresses, distinct pages, any write.
+  void TraceBatch(trace::Span& span, std::span<const emu::DeviceFault> batch) {
+    std::vector<uintptr_t> pages;
+    pages.reserve(batch.size());
+    bool write = false;
+    for (const emu::DeviceFault& f : batch) {
+      pages.push_back(f.va & ~(kPage - 1));
+      write = write || f.access != emu::Access::kRead;
+    }
+    std::sort(pages.begin(), pages.end());
+    span.ev.a[0] = pages.empty() ? 0 : pages.front();
+    span.ev.a[1] = pages.empty() ? 0 : pages.back() + kPage;
+    span.ev.a[2] = batch.size();
+    span.ev.a[3] = uint64_t(std::unique(pages.begin(), pages.end()) - pages.begin());
+    span.ev.small = write ? 1 : 0;
+  }
+
   std::vector<Status> Service(std::span<const emu::DeviceFault> batch) {
+    trace::Span span(trace::Name::kDeviceFaultBatch, track_);
+    if (span.active()) TraceBatch(span, batch);
     std::vector<Status> out;
     out.reserve(batch.size());
     for (const emu::DeviceFault& f : batch) {
@@ -577,6 +607,8 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   std::shared_ptr<driver::DeviceMemory> memory_;
   std::unique_ptr<driver::SvmManager> svm_;
   uint64_t cpu_faults_base_ = 0;
+  uint16_t track_ = 0;         // this device's trace track (set in Init)
+  uint64_t stats_handle_ = 0;  // StatsPublisher handle (0: not published)
   std::atomic<uint64_t> atomics_{0};
   unsigned counter_threshold_ = 0;
   Mutex counter_mu_;

@@ -4,12 +4,12 @@
 namespace hmmkit::bench {
 
 extern const BenchSpec kRangeFaultBench, kDeviceFaultBench, kMigrateBench, kFaultBackBench,
-    kEvictBench, kVectorAddBench, kInvalidationBench, kScaleBench;
+    kEvictBench, kVectorAddBench, kInvalidationBench, kScaleBench, kTraceOverheadBench;
 
 std::span<const BenchSpec> AllBenches() {
   static const BenchSpec specs[] = {kRangeFaultBench,   kDeviceFaultBench, kMigrateBench,
                                     kFaultBackBench,    kEvictBench,       kVectorAddBench,
-                                    kInvalidationBench, kScaleBench};
+                                    kInvalidationBench, kScaleBench,       kTraceOverheadBench};
   return specs;
 }
 

@@ -1,10 +1,14 @@
-// Application metric: the emulated SVM device running vector_add with a warm TLB (the arrays
-// already migrated and mapped by a first launch) vs the same loop on one CPU thread.
+// Application metrics: the emulated SVM device running vector_add with a warm TLB (the arrays
+// already migrated and mapped by a first launch) vs the same loop on one CPU thread; and the cost
+// of tracing (hmmkit/base/trace.hpp) on a fault- and migration-heavy workload, on vs off.
+#include <unistd.h>
+
 #include <cstdlib>
 #include <memory>
 
 #include "bench_suite.hpp"
 #include "bench_util.hpp"
+#include "hmmkit/base/trace.hpp"
 #include "hmmkit/svm.hpp"
 
 namespace hmmkit::bench {
@@ -90,7 +94,106 @@ Result<std::vector<Metric>> VectorAddMetrics(BenchContext& ctx) {
   return std::vector<Metric>{std::move(m)};
 }
 
+// One round of the ping-pong workload: the CPU checks and rewrites one word per page, pages in a
+// scattered order (faulting back what is on the device), then a kernel increments that word on the
+// device (device faults, migrations to the device). Returns an error when a word is not what the
+// last round left.
+Status PingPongRound(svm::Device& dev, uint64_t* words, size_t pages, size_t stride,
+                     uint64_t round) {
+  // A scattered order (a stride prime to the page count): no sequential stream for the fault-back
+  // window to grow on, so the CPU takes many small fault-backs.
+  for (size_t i = 0; i < pages; ++i) {
+    const size_t p = (i * 97) % pages;
+    if (round > 0 && words[p * stride] != (round - 1) * 1000000 + p + 1)
+      return BenchError("trace overhead: page " + std::to_string(p) + " lost the device's write");
+    words[p * stride] = round * 1000000 + p;
+  }
+  return dev.Launch(pages, [=](svm::KernelContext& k, size_t i) {
+    k.Store(&words[i * stride], k.Load(&words[i * stride]) + 1);
+  });
+}
+
+// Single-thread cost of a record site, in ns per call, with tracing as it is now.
+[[gnu::noinline]] double RecordSiteNs(size_t calls) {
+  trace::Event e;
+  e.name = trace::Name::kMapRemote;
+  e.track = trace::kCpuFaultTrack;
+  const auto t0 = Clock::now();
+  for (size_t i = 0; i < calls; ++i) {
+    e.a[0] = i;
+    trace::Record(e);
+  }
+  return SecondsSince(t0) * 1e9 / double(calls);
+}
+
+Result<std::vector<Metric>> TraceOverheadMetrics(BenchContext& ctx) {
+  if (trace::Enabled())
+    return BenchError("tracing is on (HMMKIT_TRACE?): the overhead metric compares on with off");
+  const size_t pages = ctx.quick ? 1024 : 4096;
+  const int rounds = ctx.quick ? 4 : 8;  // of each kind, alternating
+  const size_t page = size_t(::sysconf(_SC_PAGESIZE)), stride = page / sizeof(uint64_t);
+  svm::DeviceOptions options;
+  options.access_counter_threshold = 0;  // no asynchronous promotions between the rounds
+  auto dev_or = svm::Device::Open(options);
+  if (!dev_or.ok()) return dev_or.status();
+  svm::Device& dev = **dev_or;
+  Mapping buf(pages * page, size_t(2) << 20);
+  if (!buf.ok()) return Status::FromErrno(ENOMEM, "mmap");
+  auto* words = reinterpret_cast<uint64_t*>(buf.data());
+  uint64_t round = 0;
+  for (int w = 0; w < 2; ++w)  // warm-up: first touch, then the steady back-and-forth
+    HMMKIT_RETURN_IF_ERROR(PingPongRound(dev, words, pages, stride, round++));
+  std::vector<double> t_off, t_on;
+  uint64_t events = 0, dropped = 0;
+  double traced_seconds = 0;
+  for (int r = 0; r < 2 * rounds; ++r) {
+    // off, on, on, off, off, on, ...: neither kind always runs first.
+    const bool on = (r % 4 == 1) || (r % 4 == 2);
+    ctx.step("round " + std::to_string(r + 1) + (on ? " on" : " off"));
+    if (on) HMMKIT_RETURN_IF_ERROR(trace::Enable({.capacity = size_t(1) << 20}));
+    const auto t0 = Clock::now();
+    Status st = PingPongRound(dev, words, pages, stride, round++);
+    const double t = SecondsSince(t0);
+    if (on) {
+      trace::Disable();
+      t_on.push_back(t);
+      traced_seconds += t;
+      events += trace::Stats().events;
+      dropped += trace::Stats().dropped;
+    } else {
+      t_off.push_back(t);
+    }
+    HMMKIT_RETURN_IF_ERROR(st);
+  }
+  if (events == 0) return BenchError("trace overhead: the traced rounds recorded nothing");
+  // The site itself: a disabled check, and a record into the ring from one thread.
+  const size_t calls = ctx.quick ? 1000000 : 4000000;
+  const double off_ns = RecordSiteNs(calls);
+  HMMKIT_RETURN_IF_ERROR(trace::Enable({.capacity = calls}));
+  const double on_ns = RecordSiteNs(calls);
+  trace::Disable();
+  trace::Clear();
+
+  const double off = Median(t_off), on = Median(t_on);
+  Metric m = CostMetric("trace.overhead", "fault/migration ping-pong, tracing on vs off", "s/round",
+                        on, "the same rounds with tracing off", off, std::nullopt);
+  char line[512];
+  std::snprintf(line, sizeof(line),
+                "%zu pages, medians of %d alternating rounds; time on/off %.3f; %.0f events/s "
+                "recorded (%llu events, %llu dropped); a record site costs %.1f ns off, %.1f ns "
+                "on (one thread)",
+                pages, rounds, on / off, double(events) / traced_seconds,
+                static_cast<unsigned long long>(events), static_cast<unsigned long long>(dropped),
+                off_ns, on_ns);
+  m.detail = line;
+  return std::vector<Metric>{std::move(m)};
+}
+
 }  // namespace
+
+extern const BenchSpec kTraceOverheadBench = {
+    "trace", "tracing on vs off on a fault- and migration-heavy svm workload",
+    TraceOverheadMetrics};
 
 extern const BenchSpec kVectorAddBench = {
     "svm", "emulated device vector_add with a warm TLB vs the same loop on the CPU",
