@@ -42,6 +42,12 @@ struct Command {
 constexpr Command kCommands[] = {
     {"info", "what the running kernel offers and which mechanism hmmkit uses for each feature",
      InfoMain, InfoUsage},
+    {"run", "run a sample with its counters (and optionally a trace and a residency heatmap)",
+     RunMain, RunUsage},
+    {"stats", "the counters of the last run or of a live process (HMMKIT_STATS=1)", StatsMain,
+     StatsUsage},
+    {"trace", "record a Chrome trace of a sample; summarize it; draw its residency heatmap",
+     TraceMain, TraceUsage},
     {"bench", "the benchmark suite: every metric as a ratio to a baseline measured in the same run",
      BenchMain, BenchUsage},
 };
@@ -61,7 +67,13 @@ void Usage(FILE* out) {
       "                          uffdio_move, uffd_wp, dev_userfaultfd\n"
       "  HMMKIT_INTERPOSE=1      synchronous munmap/mremap/madvise/mprotect notifications\n"
       "                          (needs libhmmkit_interpose linked or preloaded)\n"
-      "\nexit status: 0 ok, 1 failure, 2 usage error\n");
+      "  HMMKIT_STATS=1          publish counters in HMMKIT_STATS_DIR (see hmmctl stats)\n"
+      "  HMMKIT_TRACE=out.json   record a Chrome trace, written at exit (see hmmctl trace)\n"
+      "  HMMKIT_SAMPLES_DIR=dir  where hmmctl run looks for samples first\n"
+      "\n`hmmctl COMMAND --help` describes a command. Options take their value as\n"
+      "`--name value` or `--name=value`; --json prints data as one JSON object.\n"
+      "\nexit status: 0 ok; 1 failure (a sample that failed, an unreadable or malformed\n"
+      "file); 2 usage error (bad option, unknown command, unknown sample)\n");
 }
 
 int Main(std::span<char* const> args) {
