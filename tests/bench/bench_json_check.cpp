@@ -50,7 +50,7 @@ int main(int argc, char** argv) try {
       "range_fault.write",          "range_fault.snapshot", "device_fault.service",
       "migrate.to_device_2m",       "migrate.to_device_4k", "fault_back.p50",
       "fault_back.sequential_read", "evict.full_device",    "svm.vector_add_warm",
-      "invalidation.munmap_p99",    "scale.subscriptions"};
+      "invalidation.munmap_p99",    "scale.subscriptions",  "trace.overhead"};
   std::set<std::string> seen;
   auto metrics = doc.get_child_optional("metrics");
   if (!metrics) {
