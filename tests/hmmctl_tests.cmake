@@ -1,7 +1,8 @@
-# hmmctl (userlib/hmmctl): the JSON reader, the residency replay, the PNG and SVG writers, and the
-# binary itself run as a child (tests/hmmctl/cli_test.cpp).
+# hmmctl (userlib/hmmctl): the JSON reader, the residency replay, the PNG and SVG writers, the
+# bitmap font, and the binary itself run as a child (tests/hmmctl/cli_test.cpp).
 hmmkit_test(hmmctl_unit_test
   SOURCES hmmctl/json_reader_test.cpp hmmctl/replay_test.cpp hmmctl/image_test.cpp
+    hmmctl/font_test.cpp
   LIBS hmmctl_core)
 target_include_directories(hmmctl_unit_test PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/hmmctl)
 

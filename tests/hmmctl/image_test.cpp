@@ -2,10 +2,12 @@
 // rendered heatmap has the colours the replay says at the pixels of the cells.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "font.hpp"
 #include "heatmap.hpp"
 #include "image.hpp"
 #include "png_decode.hpp"
@@ -103,7 +105,7 @@ TEST(HeatmapPng, PixelsHaveTheReplayedColours) {
   ASSERT_EQ(map.pages_per_row, 1U);
   DecodedPng d;
   ASSERT_EQ(DecodePng(EncodePng(RenderRaster(map)), &d), "");
-  const HeatmapLayout l = LayoutHeatmap(map, false);
+  const HeatmapLayout l = LayoutHeatmap(map);
   ASSERT_EQ(d.width, uint32_t(l.width));
   ASSERT_EQ(d.height, uint32_t(l.height));
   auto pixel = [&](size_t row, size_t col) {
@@ -128,8 +130,90 @@ TEST(HeatmapPng, PixelsHaveTheReplayedColours) {
   EXPECT_EQ(pixel(0, 12), ResidencyColor(Residency::kSystem));
   EXPECT_EQ(pixel(0, 19), ResidencyColor(Residency::kDevice));
   // The legend's swatches carry the state colours.
-  const uint8_t* sw = d.At(uint32_t(l.left + 2 * 20 + 5), uint32_t(l.legend_y + 5));
+  const uint8_t* sw = d.At(uint32_t(l.left + 2 * l.legend_step + 5), uint32_t(l.legend_y + 5));
   EXPECT_EQ((Rgb{sw[0], sw[1], sw[2]}), ResidencyColor(Residency::kDevice));
+}
+
+// Pixels of the text colour in [x0, x0 + w) x [y0, y0 + h) of a decoded PNG (clipped).
+int TextPixels(const DecodedPng& d, int x0, int y0, int w, int h) {
+  int n = 0;
+  for (int y = std::max(0, y0); y < std::min(int(d.height), y0 + h); ++y)
+    for (int x = std::max(0, x0); x < std::min(int(d.width), x0 + w); ++x) {
+      const uint8_t* p = d.At(uint32_t(x), uint32_t(y));
+      n += Rgb{p[0], p[1], p[2]} == kTextColor ? 1 : 0;
+    }
+  return n;
+}
+
+int GlyphPixels(std::string_view text) {
+  int n = 0;
+  for (char c : text)
+    for (uint8_t row : GlyphOf(c)) n += std::popcount(unsigned(row));
+  return n;
+}
+
+TEST(HeatmapPng, LabelsAreDrawnOutsideThePlot) {
+  // Given the heatmap of a trace written to a PNG file and read back with the test's decoder.
+  const Trace t = ThreeStates();
+  Heatmap map;
+  std::string error;
+  ASSERT_TRUE(BuildHeatmap(t, Options(800, 48), &map, &error)) << error;
+  const std::string path = ::testing::TempDir() + "/hmmctl_labels.png";
+  ASSERT_TRUE(WriteHeatmap(map, path, &error)) << error;
+  FILE* f = std::fopen(path.c_str(), "rb");
+  ASSERT_NE(f, nullptr);
+  std::vector<uint8_t> png;
+  for (int c; (c = std::fgetc(f)) != EOF;) png.push_back(uint8_t(c));
+  std::fclose(f);
+  std::remove(path.c_str());
+  DecodedPng d;
+  ASSERT_EQ(DecodePng(png, &d), "");
+  const HeatmapLayout l = LayoutHeatmap(map);
+  ASSERT_EQ(d.width, uint32_t(l.width));
+
+  // Then right of each legend swatch is its name, pixel for pixel the glyphs of the name.
+  const char* names[] = {"untouched", "system", "device", "remote", "unmapped", "thrash"};
+  for (int i = 0; i <= kResidencyCount; ++i) {
+    const int x = l.left + i * l.legend_step;
+    EXPECT_EQ(TextPixels(d, x, l.legend_y - 2, kSwatch, kSwatch + 4), 0) << names[i];
+    EXPECT_EQ(TextPixels(d, x + kSwatch, l.legend_y - 2, l.legend_step - kSwatch, kSwatch + 4),
+              GlyphPixels(names[i]))
+        << names[i];
+  }
+  // Under every one of the 11 axis ticks is a time (an 800-pixel plot has room for all).
+  for (int i = 0; i <= 10; ++i) {
+    const int x = l.left + std::min(l.plot_w - 1, l.plot_w * i / 10);
+    EXPECT_GT(TextPixels(d, x - 3, l.tick_label_y, 7, kLineHeight), 0) << "tick " << i;
+  }
+  EXPECT_EQ(TextPixels(d, l.left, l.axis_y, l.plot_w, kTickLength), 0);  // not on the axis
+  // Left of the first row, right-aligned at the plot: the range's start address.
+  EXPECT_GT(TextPixels(d, l.left - 4 - TextWidth("0x7f0000000000"), l.top, TextWidth("0x7f"),
+                       kLineHeight),
+            0);
+  EXPECT_EQ(TextPixels(d, l.left - 3, l.top, 3, l.plot_h), 0);  // the gap before the plot
+  // The title line above the thrash lane.
+  EXPECT_GT(TextPixels(d, 0, 0, l.width, l.top - 8), 0);
+  // And none inside the plot: the cells keep their colours.
+  EXPECT_EQ(TextPixels(d, l.left, l.top, l.plot_w, l.plot_h), 0);
+}
+
+TEST(HeatmapPng, ANarrowPlotLabelsTheEndOfTheAxisWithoutOverlap) {
+  // Given a 40-pixel plot: no room for 11 times (4 pixels apart).
+  const Trace t = ThreeStates();
+  Heatmap map;
+  std::string error;
+  ASSERT_TRUE(BuildHeatmap(t, Options(40, 48), &map, &error)) << error;
+  DecodedPng d;
+  ASSERT_EQ(DecodePng(EncodePng(RenderRaster(map)), &d), "");
+  const HeatmapLayout l = LayoutHeatmap(map);
+  // Then the start and the end of the span are labelled and the times between, which would
+  // overlap them, are left out: the band holds exactly the glyph pixels of the two.
+  EXPECT_GT(TextPixels(d, l.left + l.plot_w - 4, l.tick_label_y, 7, kLineHeight), 0);
+  char end[32];
+  std::snprintf(end, sizeof(end), "%.3g ms", (map.t1_us - map.t0_us) / 1000);
+  EXPECT_EQ(TextPixels(d, 0, l.tick_label_y, l.width, kLineHeight),
+            GlyphPixels("0 ms") + GlyphPixels(end))
+      << end;
 }
 
 // Checks that tags nest: every open tag is closed in order; returns "" or the problem.
@@ -178,6 +262,22 @@ TEST(HeatmapSvg, WellFormedWithMergedRects) {
   EXPECT_LT(rects, 100U);
   EXPECT_NE(svg.find("0x7f0000000000"), std::string::npos);  // the cluster label
   EXPECT_NE(svg.find(">device</text>"), std::string::npos);  // the legend
+}
+
+TEST(HeatmapSvg, TitleIsEscapedAndPlacedLikeThePng) {
+  const Trace t = ThreeStates();
+  HeatmapOptions o = Options(400, 48);
+  o.title = "a<b & c>";
+  Heatmap map;
+  std::string error;
+  ASSERT_TRUE(BuildHeatmap(t, o, &map, &error)) << error;
+  const std::string svg = RenderSvg(map);
+  std::string root;
+  EXPECT_EQ(CheckBalanced(svg, &root), "");
+  EXPECT_NE(svg.find(">a&lt;b &amp; c&gt; - 12 rows, 1 page per row"), std::string::npos);
+  // The default title names the traced process.
+  ASSERT_TRUE(BuildHeatmap(t, Options(400, 48), &map, &error)) << error;
+  EXPECT_EQ(map.title, "hmmkit residency: hmmkit synthetic");
 }
 
 }  // namespace

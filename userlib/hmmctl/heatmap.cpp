@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <limits>
 
+#include "font.hpp"
+
 namespace hmmkit::hmmctl {
 namespace {
 
@@ -39,6 +41,21 @@ std::string Size(uint64_t bytes) {
   else
     std::snprintf(buf, sizeof(buf), "%" PRIu64 " KiB", bytes >> 10);
   return buf;
+}
+
+std::string XmlEscaped(const std::string& text) {
+  std::string out;
+  for (char c : text) {
+    if (c == '<')
+      out += "&lt;";
+    else if (c == '>')
+      out += "&gt;";
+    else if (c == '&')
+      out += "&amp;";
+    else
+      out += c;
+  }
+  return out;
 }
 
 std::string Ms(double us) {
@@ -92,6 +109,9 @@ bool BuildHeatmap(const Trace& trace, const HeatmapOptions& options, Heatmap* ou
   }
 
   out->clusters = clusters;
+  out->title = !options.title.empty()       ? options.title
+               : trace.process_name.empty() ? "hmmkit residency"
+                                            : "hmmkit residency: " + trace.process_name;
   out->columns = std::max(1, options.width / 2);
   const int max_rows = std::max(1, options.height / 2);
   const auto separators = uint64_t(clusters.size() - 1);
@@ -173,20 +193,23 @@ bool BuildHeatmap(const Trace& trace, const HeatmapOptions& options, Heatmap* ou
   return true;
 }
 
-HeatmapLayout LayoutHeatmap(const Heatmap& map, bool labels) {
+HeatmapLayout LayoutHeatmap(const Heatmap& map) {
   HeatmapLayout l;
-  l.left = labels ? 170 : 8;
-  l.top = 8 + kThrashLane + 2;
+  l.title_y = 4;
+  l.left = 170;  // "0x7f0000000000 1023.9 GiB" and a gap
+  l.top = l.title_y + kLineHeight + 2 + kThrashLane + 2;
   l.cell_w = 2;
   const int rows = std::max<int>(1, int(map.rows.size()));
   l.cell_h = std::clamp(400 / rows, 2, 16);
   l.plot_w = map.columns * l.cell_w;
   l.plot_h = rows * l.cell_h;
   l.axis_y = l.top + l.plot_h + 2;
-  l.legend_y = l.axis_y + (labels ? 28 : 12);
-  const int legend_w = labels ? 6 * 100 : 6 * 20;
-  l.width = l.left + std::max(l.plot_w, legend_w) + (labels ? 40 : 8);
-  l.height = l.legend_y + 12 + 8;
+  l.tick_label_y = l.axis_y + kTickLength + 2;
+  l.legend_y = l.tick_label_y + kLineHeight + 8;
+  l.legend_step = 100;
+  const int legend_w = (kResidencyCount + 1) * l.legend_step;
+  l.width = l.left + std::max(l.plot_w, legend_w) + 40;
+  l.height = l.legend_y + kSwatch + 8;
   return l;
 }
 
@@ -200,10 +223,67 @@ const char* LegendName(int i) {
   return i < kResidencyCount ? ToString(Residency(i)) : "thrash";
 }
 
+// One line of text, placed: (x, y) is the top-left of its first character cell.
+struct Label {
+  int x = 0, y = 0;
+  std::string text;
+};
+
+// Every text of the picture, placed in pixels with the bitmap font's metrics (the SVG's 10 px
+// monospace has the same 6 px advance). Labels that would overlap an earlier one are left out
+// (range labels of clusters a few pixels apart, axis times on a narrow plot).
+std::vector<Label> PlaceLabels(const Heatmap& map, const HeatmapLayout& l) {
+  std::vector<Label> out;
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), " - %zu rows, %" PRIu64 " page%s per row, %d buckets over %s",
+                map.rows.size(), map.pages_per_row, map.pages_per_row == 1 ? "" : "s", map.columns,
+                Ms(map.t1_us - map.t0_us).c_str());
+  std::string title = map.title + buf;
+  const auto fit = size_t(std::max(0, (l.width - 16 + 1) / kCharAdvance));
+  if (title.size() > fit) title.resize(fit);  // cut at the right edge: the info goes first
+  out.push_back({8, l.title_y, title});
+
+  // Range labels, right-aligned at the first row of each cluster.
+  int free_y = l.top;
+  for (size_t r = 0; r < map.rows.size(); ++r) {
+    const HeatmapRow& row = map.rows[r];
+    if (row.cluster < 0 || (r > 0 && map.rows[r - 1].cluster == row.cluster)) continue;
+    const int y = l.top + int(r) * l.cell_h + 2;
+    if (y < free_y) continue;
+    const Cluster& c = map.clusters[size_t(row.cluster)];
+    const std::string t = Hex(c.start) + " " + Size(c.end - c.start);
+    out.push_back({l.left - 4 - TextWidth(t), y, t});
+    free_y = y + kLineHeight;
+  }
+  std::snprintf(buf, sizeof(buf), "%" PRIu64 " page%s per row", map.pages_per_row,
+                map.pages_per_row == 1 ? "" : "s");
+  const int ppr_y = l.top + l.plot_h - 7;
+  if (ppr_y >= free_y) out.push_back({l.left - 4 - TextWidth(buf), ppr_y, buf});
+
+  // Axis times, centred under their ticks. The end of the span is always labelled: it replaces
+  // the label before it when they would overlap.
+  int free_x = 0, prev_free_x = 0;
+  for (int i = 0; i <= 10; ++i) {
+    const std::string t = Ms((map.t1_us - map.t0_us) * i / 10);
+    const int x = l.left + std::min(l.plot_w - 1, l.plot_w * i / 10) - TextWidth(t) / 2;
+    if (x < free_x && i == 10 && x >= prev_free_x) {
+      out.pop_back();
+      free_x = prev_free_x;
+    }
+    if (x < free_x) continue;
+    out.push_back({x, l.tick_label_y, t});
+    prev_free_x = free_x;
+    free_x = x + TextWidth(t) + kCharAdvance;
+  }
+  for (int i = 0; i <= kResidencyCount; ++i)
+    out.push_back({l.left + i * l.legend_step + kSwatch + 4, l.legend_y + 3, LegendName(i)});
+  return out;
+}
+
 }  // namespace
 
 Raster RenderRaster(const Heatmap& map) {
-  const HeatmapLayout l = LayoutHeatmap(map, false);
+  const HeatmapLayout l = LayoutHeatmap(map);
   Raster img(l.width, l.height, kBackground);
   const auto ncols = size_t(map.columns);
   for (size_t col = 0; col < ncols; ++col)
@@ -223,16 +303,18 @@ Raster RenderRaster(const Heatmap& map) {
   // Time axis: a line and 11 ticks (0%, 10%, ... 100% of the trace's span).
   img.Fill(l.left, l.axis_y, l.plot_w, 1, kInk);
   for (int i = 0; i <= 10; ++i)
-    img.Fill(l.left + std::min(l.plot_w - 1, l.plot_w * i / 10), l.axis_y, 1, 5, kInk);
+    img.Fill(l.left + std::min(l.plot_w - 1, l.plot_w * i / 10), l.axis_y, 1, kTickLength, kInk);
   for (int i = 0; i <= kResidencyCount; ++i) {
-    img.Fill(l.left + i * 20, l.legend_y, 12, 12, kInk);
-    img.Fill(l.left + i * 20 + 1, l.legend_y + 1, 10, 10, LegendColor(i));
+    img.Fill(l.left + i * l.legend_step, l.legend_y, kSwatch, kSwatch, kInk);
+    img.Fill(l.left + i * l.legend_step + 1, l.legend_y + 1, kSwatch - 2, kSwatch - 2,
+             LegendColor(i));
   }
+  for (const Label& t : PlaceLabels(map, l)) DrawText(&img, t.x, t.y, t.text, kTextColor);
   return img;
 }
 
 std::string RenderSvg(const Heatmap& map) {
-  const HeatmapLayout l = LayoutHeatmap(map, true);
+  const HeatmapLayout l = LayoutHeatmap(map);
   std::string s;
   char buf[256];
   auto rect = [&](int x, int y, int w, int h, Rgb c) {
@@ -240,12 +322,6 @@ std::string RenderSvg(const Heatmap& map) {
                   "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"%s\"/>\n", x, y, w, h,
                   ColorHex(c).c_str());
     s += buf;
-  };
-  auto text = [&](int x, int y, const char* anchor, const std::string& t) {
-    std::snprintf(buf, sizeof(buf), "<text x=\"%d\" y=\"%d\" text-anchor=\"%s\">", x, y, anchor);
-    s += buf;
-    s += t;  // our texts hold no markup characters
-    s += "</text>\n";
   };
   std::snprintf(buf, sizeof(buf),
                 "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" "
@@ -282,27 +358,20 @@ std::string RenderSvg(const Heatmap& map) {
       col = end;
     }
   }
-  // Cluster labels at their first row.
-  for (size_t r = 0; r < map.rows.size(); ++r) {
-    const HeatmapRow& row = map.rows[r];
-    if (row.cluster < 0 || (r > 0 && map.rows[r - 1].cluster == row.cluster)) continue;
-    const Cluster& c = map.clusters[size_t(row.cluster)];
-    text(l.left - 4, l.top + int(r) * l.cell_h + 9, "end",
-         Hex(c.start) + " " + Size(c.end - c.start));
-  }
-  std::snprintf(buf, sizeof(buf), "%" PRIu64 " page%s per row", map.pages_per_row,
-                map.pages_per_row == 1 ? "" : "s");
-  text(l.left - 4, l.top + l.plot_h, "end", buf);
   rect(l.left, l.axis_y, l.plot_w, 1, kInk);
-  for (int i = 0; i <= 10; ++i) {
-    const int x = l.left + std::min(l.plot_w - 1, l.plot_w * i / 10);
-    rect(x, l.axis_y, 1, 5, kInk);
-    text(x, l.axis_y + 16, "middle", Ms((map.t1_us - map.t0_us) * i / 10));
-  }
+  for (int i = 0; i <= 10; ++i)
+    rect(l.left + std::min(l.plot_w - 1, l.plot_w * i / 10), l.axis_y, 1, kTickLength, kInk);
   for (int i = 0; i <= kResidencyCount; ++i) {
-    rect(l.left + i * 100, l.legend_y, 12, 12, kInk);
-    rect(l.left + i * 100 + 1, l.legend_y + 1, 10, 10, LegendColor(i));
-    text(l.left + i * 100 + 16, l.legend_y + 10, "start", LegendName(i));
+    rect(l.left + i * l.legend_step, l.legend_y, kSwatch, kSwatch, kInk);
+    rect(l.left + i * l.legend_step + 1, l.legend_y + 1, kSwatch - 2, kSwatch - 2, LegendColor(i));
+  }
+  // The same placed labels as the PNG; y + 7 is the baseline of a 7-pixel-high body.
+  for (const Label& t : PlaceLabels(map, l)) {
+    std::snprintf(buf, sizeof(buf), "<text x=\"%d\" y=\"%d\" fill=\"%s\">", t.x, t.y + 7,
+                  ColorHex(kTextColor).c_str());
+    s += buf;
+    s += XmlEscaped(t.text);  // the title holds the traced process's name
+    s += "</text>\n";
   }
   s += "</svg>\n";
   return s;
