@@ -2,6 +2,7 @@
 #include "hmmkit/driver/svm_manager.hpp"
 
 #include <fmt/format.h>
+#include <link.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -82,20 +83,66 @@ SvmManager::SvmManager(std::shared_ptr<AddressSpace> as, DeviceMemory& memory, d
       policy_(options.policy ? options.policy : std::make_shared<DefaultSvmPolicy>()),
       page_(size_t(::sysconf(_SC_PAGESIZE))) {}
 
-bool SvmManager::Migratable(const Vma& vma, std::optional<bool> after_file) const {
+namespace {
+
+// The page-rounded end of the memory image (file part and .bss) of the loaded ELF segment that
+// holds byte `last`, or 0 when no object loaded by the dynamic loader holds it.
+uintptr_t LoadedImageEnd(uintptr_t last, size_t page) {
+  struct Query {
+    uintptr_t last, page, end;
+  } query{last, page, 0};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        auto* q = static_cast<Query*>(data);
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          if (ph.p_type != PT_LOAD) continue;
+          const uintptr_t seg = info->dlpi_addr + ph.p_vaddr;
+          const uintptr_t end = (seg + ph.p_memsz + q->page - 1) & ~(q->page - 1);
+          if (seg <= q->last && q->last < end) {
+            q->end = end;
+            return 1;
+          }
+        }
+        return 0;
+      },
+      &query);
+  return query.end;
+}
+
+// vma cut at `from` (MigratableFrom) on addr's side, so that no range straddles the end of a .bss
+// image: the image's pages stay in system memory, the application's pages after it migrate.
+Vma ClipAt(Vma v, uintptr_t addr, uintptr_t from) {
+  if (from > v.start && from < v.end) (addr >= from ? v.start : v.end) = from;
+  return v;
+}
+
+}  // namespace
+
+uintptr_t SvmManager::MigratableFrom(const Vma& vma, std::optional<bool> after_file) const {
   // The brk heap and the main stack hold hmmkit's own allocations and frames too: a thread that
   // touches a page of its own migration waits on itself. So does the anonymous tail of an ELF
   // object's .bss (an unnamed VMA right after a file mapping), where hmmkit's statics live.
   // Mapped remotely (see docs/svm.md).
+  constexpr uintptr_t kNever = ~uintptr_t(0);
   if (!vma.migratable() || !vma.accessible() || vma.name == "[heap]" || vma.name == "[stack]")
-    return false;
+    return kNever;
   if (vma.name.empty() && vma.start > 0) {
-    if (after_file) return !*after_file;
-    auto prev = as_->FindVma(vma.start - 1);
-    if (prev.ok() && *prev && (*prev)->kind == VmaKind::kFile && (*prev)->end == vma.start)
-      return false;
+    bool after = false;
+    if (after_file) {
+      after = *after_file;
+    } else {
+      auto prev = as_->FindVma(vma.start - 1);
+      after = prev.ok() && *prev && (*prev)->kind == VmaKind::kFile && (*prev)->end == vma.start;
+    }
+    if (!after) return vma.start;
+    // An application mapping placed right after a .bss merges with it: only the object's image
+    // is off limits (it was the whole VMA: a buffer there silently stayed in system memory, seen
+    // in the TSan lane's fuzz replay). Unknown objects keep the whole VMA in system memory.
+    const uintptr_t image_end = LoadedImageEnd(vma.start - 1, page_);
+    return image_end == 0 ? kNever : std::max(vma.start, image_end);
   }
-  return true;
+  return vma.start;
 }
 
 void SvmManager::MarkDeadLocked(SvmRange& r) {
@@ -148,7 +195,7 @@ Result<Vma> SvmManager::VmaFor(uintptr_t addr, std::optional<bool>* after_file) 
     joined.start = it->start;
     first = it;
   }
-  // What lies right before the joined VMA, when the walk saw it (Migratable's .bss rule).
+  // What lies right before the joined VMA, when the walk saw it (MigratableFrom's .bss rule).
   if (after_file) {
     if (first != vs.begin() && std::prev(first)->end == joined.start)
       *after_file = std::prev(first)->kind == VmaKind::kFile;
@@ -429,15 +476,17 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
     return Status::FromErrno(EPERM, fmt::format("device write to read-only {:#x}", addr));
   // Before mu_: these query the kernel, and Invalidate waits for mu_. A range lies inside one
   // aligned chunk, so it is in the same 64 MiB arena block as addr.
-  const bool migratable = Migratable(*vma, after_file) && !InMallocArenaHeap(addr);
+  const uintptr_t migratable_from = MigratableFrom(*vma, after_file);
+  const bool migratable = migratable_from != ~uintptr_t(0) && !InMallocArenaHeap(addr);
+  const Vma span = ClipAt(*vma, addr, migratable_from);
   SvmRange* r;
   SvmFault f;
   {
     MutexLock lock(mu_);
-    auto found = FindOrCreateLocked(addr & ~(uintptr_t(page_) - 1), *vma);
+    auto found = FindOrCreateLocked(addr & ~(uintptr_t(page_) - 1), span);
     if (!found.ok()) return found.status();
     r = *found;
-    f = DescribeFault(*r, addr, write, migratable);
+    f = DescribeFault(*r, addr, write, migratable && r->start >= migratable_from);
   }
   // The range may cross into a later VMA only if it was made for an earlier mapping that was
   // replaced; the VMA at addr decides the policy either way.
@@ -482,7 +531,7 @@ Status SvmManager::HandleFault(uintptr_t addr, bool write) {
       st = GetPagesAndMap(*r, write);
     }
   }
-  if (st.ok() && migrated) MaybeGrow(addr, *vma);
+  if (st.ok() && migrated) MaybeGrow(addr, span);
   return st;
 }
 
@@ -496,14 +545,15 @@ Status SvmManager::HandleAccessCounter(uintptr_t addr) {
   std::optional<bool> after_file;
   auto vma = VmaFor(addr, &after_file);
   if (!vma.ok()) return vma.status();
-  const bool migratable = Migratable(*vma, after_file) && !InMallocArenaHeap(addr);
+  const uintptr_t migratable_from = MigratableFrom(*vma, after_file);
+  const bool migratable = migratable_from != ~uintptr_t(0) && !InMallocArenaHeap(addr);
   SvmRange* r;
   SvmFault f;
   {
     MutexLock lock(mu_);
     r = FindLocked(addr);
     if (!r) return Status::Ok();  // no longer mapped by the device
-    f = DescribeFault(*r, addr, /*write=*/false, migratable);
+    f = DescribeFault(*r, addr, /*write=*/false, migratable && r->start >= migratable_from);
   }
   if (!f.migratable || !policy_->PromoteHotRange(f)) return Status::Ok();
   const trace::CauseScope cause(trace::Cause::kPromotion);
@@ -579,14 +629,15 @@ Status SvmManager::PrefetchToDevice(uintptr_t start, uintptr_t end) {
   for (uintptr_t addr = start & ~(uintptr_t(page_) - 1); addr < end;) {
     auto vma = VmaFor(addr);
     if (!vma.ok()) return vma.status();
+    const uintptr_t from = MigratableFrom(*vma);
     SvmRange* r;
     {
       MutexLock lock(mu_);
-      auto found = FindOrCreateLocked(addr, *vma);
+      auto found = FindOrCreateLocked(addr, ClipAt(*vma, addr, from));
       if (!found.ok()) return found.status();
       r = *found;
     }
-    if (Migratable(*vma)) {
+    if (r->start >= from) {
       MigrateRange(*r);
       HMMKIT_RETURN_IF_ERROR(GetPagesAndMap(*r, vma->write));
     }

@@ -3,6 +3,7 @@
 // device side is a recording SvmDeviceOps: what is mapped, page by page.
 #include "hmmkit/driver/svm_manager.hpp"
 
+#include <link.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -364,6 +365,60 @@ TEST_F(SvmManagerTest, OnlyAnArenaHeapShapedRunStaysInSystemMemory) {
   svm_->Evict(bs, be).IgnoreError();
   unmap(b, b + kMiB);
   unmap(b + 2 * kMiB, b + kHeap);
+}
+
+// A mapping the kernel places right after a shared object's .bss merges with that anonymous VMA.
+// The object's image (hmmkit's statics may live in such a .bss) stays in system memory; the
+// application's pages past it migrate (the whole VMA stayed in system memory: a TSan lane fuzz
+// replay failure).
+TEST_F(SvmManagerTest, AMappingMergedWithALibrarysBssMigratesPastTheImage) {
+  MakeDevice(4 * kMiB, false);
+  constexpr size_t kLen = 16 * 4096;
+  struct Search {
+    uintptr_t at = 0;
+  } search;
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* data) {
+        auto* found = static_cast<Search*>(data);
+        const uintptr_t page = PageSize();
+        for (int i = 0; i < info->dlpi_phnum; ++i) {
+          const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+          // Only segments whose .bss spills into pages of its own (an anonymous VMA).
+          if (ph.p_type != PT_LOAD || ph.p_memsz <= ph.p_filesz + page) continue;
+          const uintptr_t seg = info->dlpi_addr + ph.p_vaddr;
+          const uintptr_t end = (seg + ph.p_memsz + page - 1) & ~(page - 1);
+          void* p = ::mmap(reinterpret_cast<void*>(end), kLen, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+          if (p == reinterpret_cast<void*>(end)) {
+            found->at = end;
+            return 1;
+          }
+          if (p != MAP_FAILED) ::munmap(p, kLen);  // a kernel without MAP_FIXED_NOREPLACE
+        }
+        return 0;
+      },
+      &search);
+  if (search.at == 0) GTEST_SKIP() << "no loaded object has free space right after its .bss";
+  const uintptr_t bs = search.at, be = bs + kLen;
+  auto vma = as_->FindVma(bs);
+  ASSERT_TRUE(vma.ok() && *vma);
+  if ((*vma)->start == bs) {
+    ::munmap(reinterpret_cast<void*>(bs), kLen);
+    GTEST_SKIP() << "the kernel did not merge the mapping with the .bss";
+  }
+  const uintptr_t image = (*vma)->start;
+  Fill(reinterpret_cast<char*>(bs), kLen, 9);
+
+  ASSERT_TRUE(svm_->PrefetchToDevice(bs, be).ok());
+  EXPECT_EQ(*svm_->Scan(bs, be), Residency::kDevice) << "the application's pages migrate";
+  auto lib = svm_->Scan(image, bs);
+  ASSERT_TRUE(lib.ok());
+  EXPECT_NE(*lib, Residency::kDevice) << "the object's .bss stays in system memory";
+  EXPECT_NE(*lib, Residency::kMixed);
+
+  ASSERT_TRUE(svm_->Evict(bs, be).ok());
+  EXPECT_TRUE(Check(reinterpret_cast<char*>(bs), kLen, 9));
+  ::munmap(reinterpret_cast<void*>(bs), kLen);
 }
 
 // ---- policy: threshold prefetcher, access counters, advice, replaceable policy ------------------

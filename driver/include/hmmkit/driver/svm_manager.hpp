@@ -244,7 +244,7 @@ class SvmManager final : public IntervalNotifierOps {
   /// fault=false maps only the pages present now (runs of valid entries).
   Status GetPagesAndMap(SvmRange& r, bool write, bool fault = true) REQUIRES(op_mu_) EXCLUDES(mu_);
   /// The policy's input for a fault at addr in r (updates thrashing state).
-  /// migratable: Migratable() && !InMallocArenaHeap(), computed before mu_ (they query the kernel).
+  /// migratable: MigratableFrom() && !InMallocArenaHeap(), computed before mu_ (they query the kernel).
   SvmFault DescribeFault(SvmRange& r, uintptr_t addr, bool write, bool migratable) REQUIRES(mu_);
   /// Marks r for CollectGarbage (counted, so that a fault with nothing to collect skips the walk).
   void MarkDeadLocked(SvmRange& r) REQUIRES(mu_);
@@ -263,9 +263,11 @@ class SvmManager final : public IntervalNotifierOps {
   void RemoveIdleWindows() REQUIRES(op_mu_) EXCLUDES(mu_);
   /// The VMA at addr joined with its compatible neighbours near addr (see the definition).
   /// after_file (optional): set when the walk saw what lies right before the joined VMA (true: a
-  /// file mapping ends there), so that Migratable need not ask again.
+  /// file mapping ends there), so that MigratableFrom need not ask again.
   Result<Vma> VmaFor(uintptr_t addr, std::optional<bool>* after_file = nullptr) const;
-  bool Migratable(const Vma& vma, std::optional<bool> after_file = {}) const;
+  /// The first address of vma that may migrate: vma.start, the end of the .bss image of the ELF
+  /// object right before it (an application mapping merged with that .bss), or ~0 for none of it.
+  uintptr_t MigratableFrom(const Vma& vma, std::optional<bool> after_file = {}) const;
   /// Whether addr lies in a glibc thread-arena heap, or a sanitizer's heap (treated like the brk
   /// heap).
   bool InMallocArenaHeap(uintptr_t addr) const;
