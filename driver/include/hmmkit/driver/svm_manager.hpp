@@ -244,7 +244,8 @@ class SvmManager final : public IntervalNotifierOps {
   /// fault=false maps only the pages present now (runs of valid entries).
   Status GetPagesAndMap(SvmRange& r, bool write, bool fault = true) REQUIRES(op_mu_) EXCLUDES(mu_);
   /// The policy's input for a fault at addr in r (updates thrashing state).
-  /// migratable: MigratableFrom() && !InMallocArenaHeap(), computed before mu_ (they query the kernel).
+  /// migratable: MigratableFrom() && !InMallocArenaHeap(), computed before mu_ (they query the
+  /// kernel).
   SvmFault DescribeFault(SvmRange& r, uintptr_t addr, bool write, bool migratable) REQUIRES(mu_);
   /// Marks r for CollectGarbage (counted, so that a fault with nothing to collect skips the walk).
   void MarkDeadLocked(SvmRange& r) REQUIRES(mu_);
