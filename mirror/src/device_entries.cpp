@@ -182,6 +182,18 @@ bool DeviceEntries::Take(uintptr_t va, DeviceEntry* out) {
   return true;
 }
 
+bool DeviceEntries::TakeIfPage(uintptr_t va, const DevicePagemap* pagemap, uint64_t id,
+                               DeviceEntry* out) {
+  MutexLock lock(mu_);
+  auto it = entries_.find(va);
+  if (it == entries_.end() || it->second.exclusive || it->second.pagemap != pagemap ||
+      it->second.id != id)
+    return false;
+  *out = it->second;
+  EraseLocked(it);
+  return true;
+}
+
 std::vector<std::pair<uintptr_t, DeviceEntry>> DeviceEntries::Collect(uintptr_t start,
                                                                       uintptr_t end) {
   std::vector<std::pair<uintptr_t, DeviceEntry>> out;

@@ -75,6 +75,10 @@ class DeviceEntries final : public FaultHandler {
   void InsertMany(std::span<const std::pair<uintptr_t, DeviceEntry>> entries) EXCLUDES(mu_);
   // Removes and returns the entry (its reference now the caller's); false when none.
   bool Take(uintptr_t va, DeviceEntry* out) EXCLUDES(mu_);
+  // Take, only when the entry at `va` is page `id` of `pagemap` (a migration taking back its own
+  // commit: the entry may already have been dropped, and another one put there since).
+  bool TakeIfPage(uintptr_t va, const DevicePagemap* pagemap, uint64_t id, DeviceEntry* out)
+      EXCLUDES(mu_);
   // Take for many addresses under one lock hold; appends what it took to `out`.
   void TakeMany(std::span<const uintptr_t> vas, std::vector<DeviceEntry>& out) EXCLUDES(mu_);
   // Entries in [start, end), in address order.

@@ -72,7 +72,7 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
         moved.push_back(va);
       }
       if (result.ok()) {
-        const uint64_t token = monitor->ExpectRemove(start, end);
+        const uint64_t token = monitor->ExpectRemove(start, end, MmMonitor::OwnChange::kZap);
         if (as.sys().Madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED) != 0)
           result = Status::FromErrno(errno, "make_device_exclusive: MADV_DONTNEED");
         monitor->EndExpect(token);

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "device_entries.hpp"
@@ -62,6 +63,12 @@ struct MigrateState final : IntervalNotifierOps {
     return std::any_of(gone.begin(), gone.end(),
                        [&](const auto& g) { return g.first <= va && va < g.second; });
   }
+  // Gone, or changed by an event the monitor has read and not yet dispatched to us. `any_pending`
+  // is ChangePending over the whole migration, looked up once (the per-page look takes the
+  // monitor's queue lock).
+  bool Changed(uintptr_t va, bool any_pending) {
+    return Gone(va) || (any_pending && monitor->ChangePending(va, va + page));
+  }
 };
 
 }  // namespace detail
@@ -90,13 +97,26 @@ void ForEachRun(size_t n, Pred pred, Fn fn) {
   }
 }
 
+// Runs `fn` when the scope ends (an early error return included).
+template <class Fn>
+class OnExit {
+ public:
+  explicit OnExit(Fn fn) : fn_(std::move(fn)) {}
+  ~OnExit() { fn_(); }
+  OnExit(const OnExit&) = delete;
+  OnExit& operator=(const OnExit&) = delete;
+
+ private:
+  Fn fn_;
+};
+
 int ProtOf(const Vma& vma) {
   return (vma.read ? PROT_READ : 0) | (vma.write ? PROT_WRITE : 0) | (vma.exec ? PROT_EXEC : 0);
 }
 
 // Zaps [va, va + len) of a private mapping without reporting it as the application's clear.
 Status ZapOwn(AddressSpace& as, MmMonitor& monitor, uintptr_t va, size_t len) {
-  const uint64_t token = monitor.ExpectRemove(va, va + len);
+  const uint64_t token = monitor.ExpectRemove(va, va + len, MmMonitor::OwnChange::kZap);
   int rc = as.sys().Madvise(reinterpret_cast<void*>(va), len, MADV_DONTNEED);
   int err = errno;
   monitor.EndExpect(token);
@@ -107,7 +127,7 @@ Status ZapOwn(AddressSpace& as, MmMonitor& monitor, uintptr_t va, size_t len) {
 // Maps device pages [id, id + n) of a coherent pagemap at va (replacing the anon pages).
 Status MapCoherent(MmMonitor& monitor, const Vma& vma, DevicePagemap& pm, uintptr_t va,
                    uint64_t first_id, size_t n, size_t page) {
-  const uint64_t token = monitor.ExpectRemove(va, va + n * page);
+  const uint64_t token = monitor.ExpectRemove(va, va + n * page, MmMonitor::OwnChange::kReplace);
   void* p =
       ::mmap(reinterpret_cast<void*>(va), n * page, ProtOf(vma),
              MAP_SHARED | MAP_FIXED | MAP_POPULATE, pm.ArenaFd(), off_t(pm.ArenaOffset(first_id)));
@@ -134,7 +154,7 @@ Status MoveStagingOver(MmMonitor& monitor, const Vma& vma, uintptr_t va, void* s
                        detail::DeviceEntries& entries) {
   if (::mprotect(src, len, ProtOf(vma)) != 0)
     return Status::FromErrno(errno, "mprotect of staging pages");
-  const uint64_t token = monitor.ExpectRemove(va, va + len);
+  const uint64_t token = monitor.ExpectRemove(va, va + len, MmMonitor::OwnChange::kReplace);
   void* p = ::mremap(src, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(va));
   int err = errno;
   monitor.EndExpect(token);
@@ -195,6 +215,16 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   if (!monitor)
     return Status::FromErrno(ENOTSUP,
                              "migrate_vma needs the userfaultfd monitor (see `hmmctl info`)");
+  auto st = std::make_shared<MigrateState>();
+  // Subscribed before the VMA is looked up: an unmap after the lookup is dispatched after this,
+  // so it is recorded and its pages do not commit. Subscribed after the lookup, an unmap in
+  // between went unseen, its pages were collected as holes and committed to a range with no VMA
+  // (a leaked device page, found by an access-counter promotion racing an munmap).
+  HMMKIT_RETURN_IF_ERROR(as.notifiers().Insert(st->sub, m.start, m.end - m.start, *st));
+  bool keep_sub = false;
+  const OnExit drop_sub([&] {
+    if (!keep_sub) as.notifiers().Remove(st->sub);
+  });
   // Device entries of a range unmapped just before must be gone before we look (an munmap
   // returns before the monitor has dispatched its event).
   if (monitor->pending_changes() != 0) monitor->Sync();
@@ -208,7 +238,6 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   m.npages = n;
   m.cpages = 0;
 
-  auto st = std::make_shared<MigrateState>();
   if (trace::Enabled()) {
     st->trace_begin = trace::NowNs();
     st->cause = trace::CurrentCause();
@@ -236,7 +265,7 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
     }
   }
   st->entries->BeginMigration(m.start, m.end);
-  HMMKIT_RETURN_IF_ERROR(as.notifiers().Insert(st->sub, m.start, m.end - m.start, *st));
+  keep_sub = true;  // Finalize removes it from here on
   st->scope = std::make_unique<NotifierTree::Scope>(
       as.notifiers(), NotifierRange{m.start, m.end, InvalidateEvent::kMigrate, m.pgmap_owner});
 
@@ -367,9 +396,10 @@ Status MigrateVmaPages(MigrateVma& m) {
 
   // Which pages commit: collected, given a destination, and not changed by the application since.
   std::vector<uint8_t> go(n, 0);
+  const bool pending = monitor.ChangePending(m.start, m.end);
   for (size_t i = 0; i < n; ++i) {
     if (!(m.src[i] & migrate_pfn::kMigrate)) continue;
-    if (!(m.dst[i] & migrate_pfn::kValid) || st.Gone(m.start + i * page)) {
+    if (!(m.dst[i] & migrate_pfn::kValid) || st.Changed(m.start + i * page, pending)) {
       m.src[i] &= ~migrate_pfn::kMigrate;
       continue;
     }
@@ -405,6 +435,29 @@ Status MigrateVmaPages(MigrateVma& m) {
       st.committed[i] = 1;
     }
     st.entries->InsertMany(add);
+    // Looked at again after the insert, right before the zap:
+    //  - an unmap or clear dispatched between the check above and the insert dropped its entries
+    //    (DropRange) before ours went in; the monitor records the change here (Invalidate) before
+    //    it drops, so Gone finds every such page;
+    //  - one read but not dispatched yet is pending: its range may already hold a new mapping
+    //    (the address is free once munmap removed the VMA, and the kernel reuses it: seen with the
+    //    monitor's own message slab), which the zap would destroy.
+    // Such a page's entry, if still there, is taken back; one the dispatch dropped meanwhile was
+    // released by it. Either way the page is released once and neither commits nor is zapped.
+    // What is left is the window between this look and the zap, a few microseconds: the kernel
+    // closes it with the mmap lock, which user space cannot take (interposition can; see
+    // docs/migration.md).
+    const bool pending_now = monitor.ChangePending(m.start, m.end);
+    for (size_t i = 0; i < n; ++i) {
+      if (!go[i] || !st.Changed(m.start + i * page, pending_now)) continue;
+      DeviceEntry e;
+      if (st.entries->TakeIfPage(m.start + i * page, &pm, migrate_pfn::DeviceId(m.dst[i]), &e))
+        pm.PutPage(e.id);
+      go[i] = 0;
+      st.committed[i] = 0;
+      m.src[i] &= ~migrate_pfn::kMigrate;
+      m.dst[i] = 0;  // released above (or by the dispatch): not again in Finalize
+    }
     if (pm.kind() == PageKind::kDevicePrivate) {
       ForEachRun(
           n, [&](size_t i) { return go[i] != 0; },

@@ -454,10 +454,12 @@ void MmMonitor::MoveHandlersLocked(uintptr_t from, uintptr_t to, size_t len) {
 
 // ---- self-inflicted removals -------------------------------------------------------------------
 
-uint64_t MmMonitor::ExpectRemove(uintptr_t start, uintptr_t end) {
+uint64_t MmMonitor::ExpectRemove(uintptr_t start, uintptr_t end, OwnChange change) {
   MutexLock lock(queue_mu_);
   uint64_t token = next_token_++;
-  expects_.push_back(Expect{token, start, end});
+  expects_.push_back(
+      Expect{token, start, end,
+             change == OwnChange::kZap ? uint8_t(UFFD_EVENT_REMOVE) : uint8_t(UFFD_EVENT_UNMAP)});
   return token;
 }
 
@@ -537,10 +539,12 @@ void MmMonitor::ReaderLoop() {
             case UFFD_EVENT_REMOVE:
             case UFFD_EVENT_UNMAP: {
               // hmmkit's own zaps and remaps (announced with ExpectRemove) are not the
-              // application's change: for a remap, the caller calls ForgetRange itself.
+              // application's change: for a remap, the caller calls ForgetRange itself. Matched
+              // by kind too: an munmap racing one of our zaps of the same range is the
+              // application's (swallowed, its device pages would outlive the mapping).
               const uintptr_t s = m.arg.remove.start, e = m.arg.remove.end;
               bool expected = std::any_of(expects_.begin(), expects_.end(), [&](const Expect& x) {
-                return x.start <= s && e <= x.end;
+                return x.event == m.event && x.start <= s && e <= x.end;
               });
               if (expected) {
                 stats_.events_remove_expected++;
@@ -570,6 +574,32 @@ void MmMonitor::ReaderLoop() {
   }
 }
 
+namespace {
+// The application range a queued change event covers ({0, 0}: none).
+std::pair<uintptr_t, uintptr_t> ChangedRange(const uffd_msg& m) {
+  switch (m.event) {
+    case UFFD_EVENT_UNMAP:
+    case UFFD_EVENT_REMOVE:
+      return {uintptr_t(m.arg.remove.start), uintptr_t(m.arg.remove.end)};
+    case UFFD_EVENT_REMAP:
+      return {uintptr_t(m.arg.remap.from), uintptr_t(m.arg.remap.from + m.arg.remap.len)};
+    default:
+      return {0, 0};
+  }
+}
+}  // namespace
+
+bool MmMonitor::ChangePending(uintptr_t start, uintptr_t end) const {
+  auto overlaps = [&](std::pair<uintptr_t, uintptr_t> r) {
+    return r.first < end && start < r.second;
+  };
+  MutexLock lock(queue_mu_);
+  if (overlaps(dispatching_)) return true;
+  for (const Message* q = events_.head; q != nullptr; q = q->next)
+    if (q->kind == Message::Kind::kUffd && overlaps(ChangedRange(q->msg))) return true;
+  return false;
+}
+
 void MmMonitor::EventLoop() {
   NotifierTree& tree = as_.notifiers();
   for (;;) {
@@ -587,6 +617,7 @@ void MmMonitor::EventLoop() {
       }
       m = msg->msg;
       FreeMessageLocked(msg);
+      dispatching_ = ChangedRange(m);
     }
     switch (m.event) {
       case UFFD_EVENT_UNMAP: {
@@ -625,6 +656,8 @@ void MmMonitor::EventLoop() {
       default:
         break;
     }
+    MutexLock lock(queue_mu_);
+    dispatching_ = {0, 0};
   }
 }
 

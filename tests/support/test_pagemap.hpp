@@ -124,10 +124,12 @@ inline Status MigrateVmaToDevice(AddressSpace& as, TestPagemap& pm, uintptr_t st
     int64_t id = pm.Alloc();
     if (id < 0) continue;
     void* to = pm.PageData(uint64_t(id));
-    if (m.src[i] & migrate_pfn::kValid)
-      CopyWriteProtectedPage(to, migrate_pfn::SystemAddress(m.src[i]), page);
-    else
+    if (!(m.src[i] & migrate_pfn::kValid)) {
       std::memset(to, 0, page);
+    } else if (!CopyWriteProtectedPage(to, migrate_pfn::SystemAddress(m.src[i]), page)) {
+      pm.PutPage(uint64_t(id));  // unmapped meanwhile: the page stays (and goes with its VMA)
+      continue;
+    }
     m.dst[i] = migrate_pfn::FromDevice(uint64_t(id));
   }
   Status st = MigrateVmaPages(m);

@@ -2,15 +2,11 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
-
-// ThreadSanitizer's annotation entry points; weak, so that other builds link without them (they
-// are only called when kTsan is true).
-extern "C" void __tsan_ignore_thread_begin() __attribute__((weak));
-extern "C" void __tsan_ignore_thread_end() __attribute__((weak));
 
 namespace hmmkit::test {
 
@@ -130,16 +126,9 @@ constexpr bool kTsan = false;
 #endif
 }  // namespace
 
-void CopyWriteProtectedPage(void* dst, const void* src, size_t len) {
-  // Writers of `src` are ordered before this copy by the kernel (the write-protect ioctl of
-  // MigrateVmaSetup), an edge ThreadSanitizer cannot see; it would report their last writes.
-  if constexpr (kTsan) {
-    __tsan_ignore_thread_begin();
-    std::memcpy(dst, src, len);
-    __tsan_ignore_thread_end();
-  } else {
-    std::memcpy(dst, src, len);
-  }
+bool CopyWriteProtectedPage(void* dst, const void* src, size_t len) {
+  iovec local{dst, len}, remote{const_cast<void*>(src), len};
+  return ::process_vm_readv(::getpid(), &local, 1, &remote, 1, 0) == ssize_t(len);
 }
 
 const char* InterpositionUnavailableReason() {

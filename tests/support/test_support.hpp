@@ -79,9 +79,11 @@ const char* InterpositionUnavailableReason();
 // the kernel until the monitor reads UFFD_EVENT_FORK; ThreadSanitizer holds its runtime locks
 // across fork(), and the monitor's reader needs them for its first instrumented lock.
 const char* ForkWithMonitorUnavailableReason();
-// memcpy of a page collected by MigrateVmaSetup (write-protected, so writers wait), told to
-// ThreadSanitizer as ordered: the kernel orders the writers, out of its sight.
-void CopyWriteProtectedPage(void* dst, const void* src, size_t len);
+// Copies a page collected by MigrateVmaSetup (write-protected, so writers wait) the way a driver's
+// engine does: through process_vm_readv, so that a source the application unmapped meanwhile is a
+// failed copy (false) instead of SIGSEGV. The kernel orders the writers, out of ThreadSanitizer's
+// sight; its copy is not instrumented either.
+bool CopyWriteProtectedPage(void* dst, const void* src, size_t len);
 
 // A page-aligned address that never has a mapping: the last page below 2^47, above TASK_SIZE on
 // x86-64. (A freed page or hole is soon reused by other threads' mappings: a lone page under ASan,

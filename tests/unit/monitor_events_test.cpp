@@ -113,7 +113,7 @@ TEST_F(MonitorEvents, OwnRemovalAnnouncedWithExpectRemoveIsNotReportedAsClear) {
   Watch(sub, ops, a);
   const uint64_t filtered_before = as_->monitor()->stats().events_remove_expected;
 
-  uint64_t token = as_->monitor()->ExpectRemove(a.addr(), a.end());
+  uint64_t token = as_->monitor()->ExpectRemove(a.addr(), a.end(), MmMonitor::OwnChange::kZap);
   ASSERT_EQ(madvise(a.data(), a.size(), MADV_DONTNEED), 0);
   as_->monitor()->EndExpect(token);
   as_->monitor()->Sync();
@@ -125,6 +125,24 @@ TEST_F(MonitorEvents, OwnRemovalAnnouncedWithExpectRemoveIsNotReportedAsClear) {
   ASSERT_EQ(madvise(a.data(), pg, MADV_DONTNEED), 0);
   as_->monitor()->Sync();
   EXPECT_TRUE(Has(ops.seen(), InvalidateEvent::kClear, a.addr(), a.addr() + pg));
+}
+
+// An announced zap swallows only its REMOVE event: the application unmapping the same range while
+// the zap is announced is the application's change (once swallowed, the range's device pages
+// outlived the mapping).
+TEST_F(MonitorEvents, UnmapDuringAnAnnouncedZapIsStillReported) {
+  const size_t pg = PageSize();
+  Mapping a(2 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  memset(a.data(), 1, a.size());
+  RecordingOps ops;
+  IntervalNotifier sub;
+  Watch(sub, ops, a);
+  const uintptr_t start = a.addr(), end = a.end();
+  const uint64_t token = as_->monitor()->ExpectRemove(start, end, MmMonitor::OwnChange::kZap);
+  a.Unmap();
+  as_->monitor()->EndExpect(token);
+  as_->monitor()->Sync();
+  EXPECT_TRUE(Has(ops.seen(), InvalidateEvent::kUnmap, start, end));
 }
 
 TEST_F(MonitorEvents, MprotectIsNotSeenWithoutInterposition) {

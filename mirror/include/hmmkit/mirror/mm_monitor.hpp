@@ -21,7 +21,7 @@
 /// Events and what they become (kernel counterpart in brackets):
 ///   UFFD_EVENT_UNMAP  [munmap, after the change]        kUnmap over the unmapped range
 ///   UFFD_EVENT_REMOVE [MADV_DONTNEED/REMOVE, before]   kClear, unless it is one of hmmkit's own
-///                                                      removals announced with ExpectRemove
+///                                                      zaps announced with ExpectRemove
 ///   UFFD_EVENT_REMAP  [mremap, after]                  kUnmap over the old range
 ///   UFFD_EVENT_FORK   [fork]                           no invalidation; counted, child's uffd
 ///   closed
@@ -130,16 +130,29 @@ class MmMonitor {
   /// the event thread in general, because an invalidation callback may wait on a device that is
   /// itself blocked in a CPU fault (a device reading a page the application just cleared).
   uint64_t pending_changes() const EXCLUDES(queue_mu_);
+  /// Whether an unmap, clear or mremap (its old range) of the application that overlaps
+  /// [start, end) has been read but its invalidation has not finished yet. With the notifier
+  /// subscription (which sees the change once dispatched), a migration knows of every change read
+  /// so far without waiting for the event thread: it checks right before it zaps, so that it never
+  /// zaps a mapping that replaced an unmapped one at the same address. Any thread; never blocks
+  /// beyond queue_mu_.
+  bool ChangePending(uintptr_t start, uintptr_t end) const EXCLUDES(queue_mu_);
   /// mremap events not yet dispatched. The one wait the fault thread takes: a fault at the
   /// destination of an mremap needs the moved routing and device entries, and no device holds a
   /// translation for an address it has never faulted.
   uint64_t pending_remaps() const EXCLUDES(queue_mu_);
 
-  /// Announces that hmmkit itself is about to MADV_DONTNEED or remap [start, end) (after raising
-  /// kMigrate), so that the REMOVE or UNMAP event it causes is not reported again as kClear/kUnmap.
-  /// After replacing a mapping, the caller calls ForgetRange (the old registration died with it).
-  /// Returns a token for EndExpect.
-  uint64_t ExpectRemove(uintptr_t start, uintptr_t end) EXCLUDES(queue_mu_);
+  /// What hmmkit itself is about to do to a range, and so which event it will cause.
+  enum class OwnChange : uint8_t {
+    kZap,      ///< MADV_DONTNEED: a REMOVE event
+    kReplace,  ///< mmap MAP_FIXED or mremap over the range: an UNMAP event
+  };
+  /// Announces that hmmkit itself is about to make `change` to [start, end) (after raising
+  /// kMigrate), so that the event it causes is not reported again as kClear/kUnmap. Only that
+  /// event kind is swallowed: the application's own munmap of the range, racing a zap, is still
+  /// an unmap. After replacing a mapping, the caller calls ForgetRange (the old registration died
+  /// with it). Returns a token for EndExpect.
+  uint64_t ExpectRemove(uintptr_t start, uintptr_t end, OwnChange change) EXCLUDES(queue_mu_);
   void EndExpect(uint64_t token) EXCLUDES(queue_mu_);
   /// hmmkit replaced the mapping of [start, end) itself (mmap MAP_FIXED, mremap): forget its
   /// registration and fault routing now, synchronously.
@@ -228,6 +241,9 @@ class MmMonitor {
   CondVar queue_cv_;  ///< events_ and barriers: the event thread and Sync callers wait here
   CondVar fault_cv_;  ///< faults_: the fault thread alone (a fault wakes no other thread)
   MessageQueue events_ GUARDED_BY(queue_mu_);
+  /// The change the event thread is dispatching (popped from events_), until its invalidation and
+  /// entry drop are done; {0, 0} when none.
+  std::pair<uintptr_t, uintptr_t> dispatching_ GUARDED_BY(queue_mu_){0, 0};
   MessageQueue faults_ GUARDED_BY(queue_mu_);
   Message* free_messages_ GUARDED_BY(queue_mu_) = nullptr;
   void* slabs_ GUARDED_BY(queue_mu_) = nullptr;  ///< mmap'ed slabs, linked through their first word
@@ -235,6 +251,7 @@ class MmMonitor {
     uint64_t token;
     uintptr_t start;
     uintptr_t end;
+    uint8_t event;  ///< UFFD_EVENT_REMOVE or UFFD_EVENT_UNMAP
   };
   std::vector<Expect> expects_ GUARDED_BY(queue_mu_);
   uint64_t next_token_ GUARDED_BY(queue_mu_) = 1;
