@@ -215,6 +215,10 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   if (!monitor)
     return Status::FromErrno(ENOTSUP,
                              "migrate_vma needs the userfaultfd monitor (see `hmmctl info`)");
+  // Device entries of a range unmapped just before must be gone before we look (an munmap
+  // returns before the monitor has dispatched its event). Before subscribing: those changes
+  // precede the lookup below, which sees their result, and must not be recorded as racing us.
+  if (monitor->pending_changes() != 0) monitor->Sync();
   auto st = std::make_shared<MigrateState>();
   // Subscribed before the VMA is looked up: an unmap after the lookup is dispatched after this,
   // so it is recorded and its pages do not commit. Subscribed after the lookup, an unmap in
@@ -225,9 +229,10 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
   const OnExit drop_sub([&] {
     if (!keep_sub) as.notifiers().Remove(st->sub);
   });
-  // Device entries of a range unmapped just before must be gone before we look (an munmap
-  // returns before the monitor has dispatched its event).
-  if (monitor->pending_changes() != 0) monitor->Sync();
+  // A change read between the Sync and the subscription may be in dispatch now: recorded too
+  // late for us, its entry drop could land on the entries we commit, after our last look. Let it
+  // finish (a migration to a device never runs on the fault thread, which must not wait here).
+  if (to_device && monitor->ChangePending(m.start, m.end)) monitor->Sync();
   auto vma = as.FindVma(m.start);
   if (!vma.ok()) return vma.status();
   if (!*vma) return Invalid(fmt::format("no VMA at {:#x}", m.start));

@@ -220,6 +220,38 @@ TEST_F(MigrateTest, MunmapRacingAMigrationLeavesNoDevicePage) {
   RecordProperty("failed", failed);
 }
 
+// The application replaces a migrated range with new memory at the same address (an allocator
+// does); the old range's unmap event may still be undispatched when the new memory is migrated.
+// That change precedes the new migration and must not stop it.
+TEST_F(MigrateTest, NewMemoryAtAnAddressJustUnmappedMigratesWhole) {
+  constexpr size_t kPages = 8;
+  const size_t len = kPages * PageSize();
+  TestPagemap pm(2 * kPages, PageKind::kDevicePrivate, &owner_a, as_.get());
+  for (int round = 0; round < 50; ++round) {
+    void* old = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(old, MAP_FAILED);
+    std::memset(old, 1, len);
+    const auto start = reinterpret_cast<uintptr_t>(old);
+    ASSERT_TRUE(MigrateToDevice(*as_, pm, start, start + len).ok());
+    // MAP_FIXED replaces the old mapping in one step (an UNMAP event for it), so that nothing
+    // else can take the address in between.
+    void* again =
+        mmap(old, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+    ASSERT_EQ(again, old) << "round " << round;
+    std::memset(again, 2, len);
+    size_t cpages = 0;
+    Status st = MigrateVmaToDevice(*as_, pm, start, start + len, &cpages);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    EXPECT_EQ(cpages, kPages) << "round " << round;
+    EXPECT_EQ(pm.in_use(), kPages) << "round " << round;  // the old pages went with their unmap
+    EXPECT_EQ(as_->device_page_count(), kPages) << "round " << round;
+    EXPECT_EQ(static_cast<const volatile char*>(again)[len - 1], 2) << "round " << round;
+    ASSERT_EQ(munmap(again, len), 0);
+    as_->monitor()->Sync();
+    ASSERT_EQ(pm.in_use(), 0u) << "round " << round;
+  }
+}
+
 TEST_F(MigrateTest, MremapOfMigratedRangeThenCpuFaultBack) {
   const size_t n = 8, len = n * PageSize();
   Mapping m(len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
