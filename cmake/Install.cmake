@@ -1,6 +1,8 @@
 # Install rules: the libraries with a CMake package (find_package(hmmkit) -> hmmkit::base,
-# hmmkit::mirror, hmmkit::interpose) and a pkg-config file (hmmkit.pc). Headers and hmmctl are
-# installed by their own directories. scripts/check-install.sh builds a consumer against both.
+# hmmkit::mirror, hmmkit::interpose for mirroring; hmmkit::dma, hmmkit::driver, hmmkit::emu_mmu,
+# hmmkit::drm for drivers; hmmkit::svm for applications) and a pkg-config file (hmmkit.pc: base and
+# mirror). The mirror headers and hmmctl are installed by their own directories, the others here.
+# scripts/check-install.sh builds consumers against both and runs an SVM application.
 include(CMakePackageConfigHelpers)
 
 set(HMMKIT_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/hmmkit)
@@ -8,12 +10,23 @@ set(HMMKIT_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/hmmkit)
 # The public headers use C++20 (std::span): consumers need it too.
 target_compile_features(hmmkit_base PUBLIC cxx_std_20)
 
-install(TARGETS hmmkit_base hmmkit_mirror hmmkit_interpose
+install(TARGETS hmmkit_base hmmkit_mirror hmmkit_interpose hmmkit_dma hmmkit_driver hmmkit_emu_mmu
+  hmmkit_drm hmmkit_svm
   EXPORT hmmkitTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
   LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
   RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR}
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+
+install(DIRECTORY
+  ${PROJECT_SOURCE_DIR}/dma/include/
+  ${PROJECT_SOURCE_DIR}/driver/include/
+  ${PROJECT_SOURCE_DIR}/driver/emu/include/
+  ${PROJECT_SOURCE_DIR}/driver/drm/include/
+  DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES ${PROJECT_SOURCE_DIR}/userlib/include/hmmkit/svm.hpp
+  ${PROJECT_SOURCE_DIR}/userlib/include/hmmkit/svm.h
+  DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/hmmkit)
 
 install(EXPORT hmmkitTargets
   NAMESPACE hmmkit::
