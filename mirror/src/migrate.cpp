@@ -676,21 +676,47 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
   return MigrateRangeToRam(as, pm, start, end);
 }
 
+// The entry at `va` (page `id` of `pm`) has no VMA under it. Normally the unmap's event is still
+// on its way and drops the entry; Sync waits for it. An entry still there afterwards outlived its
+// mapping (an application munmap inside one of hmmkit's own announced replacements, the residual
+// window of docs/migration.md): the kernel frees a device page with the unmap that removes it, so
+// the entry is dropped and its reference put, or eviction and teardown would wait on it forever.
+// Returns whether the address is still without a VMA (the page is then no longer mapped).
+static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint64_t id) {
+  if (MmMonitor* monitor = as.monitor()) monitor->Sync();
+  auto vma = as.FindVma(va);
+  if (!vma.ok() || *vma) return false;
+  DeviceEntry e;
+  if (as.device_entries().TakeIfPage(va, &pm, id, &e)) {
+    Log().warn("migrate_device_range: device page {} at {:#x} outlived its mapping: dropped", id,
+               va);
+    pm.PutPage(e.id);
+  }
+  return true;
+}
+
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids) {
   const size_t page = as.features().page_size;
-  std::vector<uintptr_t> vas;
+  std::vector<std::pair<uintptr_t, uint64_t>> pages;  // address, id
+  pages.reserve(ids.size());
   for (uint64_t id : ids)
-    if (uintptr_t va = as.device_entries().AddressOf(&pm, id)) vas.push_back(va);
-  std::sort(vas.begin(), vas.end());
+    if (uintptr_t va = as.device_entries().AddressOf(&pm, id)) pages.emplace_back(va, id);
+  std::sort(pages.begin(), pages.end());
   Status first = Status::Ok();
-  for (size_t i = 0; i < vas.size();) {
+  for (size_t i = 0; i < pages.size();) {
+    const uintptr_t va = pages[i].first;
+    auto vma = as.FindVma(va);
+    if (vma.ok() && !*vma && DropIfOrphan(as, pm, va, pages[i].second)) {
+      ++i;
+      continue;
+    }
     // A run of consecutive addresses inside one VMA.
-    auto vma = as.FindVma(vas[i]);
-    const uintptr_t limit = vma.ok() && *vma ? (*vma)->end : vas[i] + page;
+    const uintptr_t limit = vma.ok() && *vma ? (*vma)->end : va + page;
     size_t j = i + 1;
-    while (j < vas.size() && vas[j] == vas[j - 1] + page && vas[j] < limit) ++j;
-    const uintptr_t start = vas[i], end = vas[j - 1] + page;
-    Status st = MigrateRangeToRam(as, pm, start, end);
+    while (j < pages.size() && pages[j].first == pages[j - 1].first + page &&
+           pages[j].first < limit)
+      ++j;
+    Status st = MigrateRangeToRam(as, pm, va, pages[j - 1].first + page);
     if (!st.ok() && first.ok()) first = st;
     i = j;
   }

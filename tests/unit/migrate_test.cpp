@@ -366,6 +366,48 @@ TEST_F(MigrateTest, EvictionByDevicePageKeepsData) {
   EXPECT_EQ(as_->monitor()->stats().faults, faults);
 }
 
+// A device page whose unmap event never reached the entries (the application's munmap landing
+// inside one of hmmkit's own announced mapping replacements swallows it) must not keep eviction
+// and teardown waiting: the page is no longer mapped anywhere, as the kernel's unmap would free it.
+TEST_F(MigrateTest, EvictionDropsADevicePageThatOutlivedItsMapping) {
+  // One page between two guard pages: the hole it leaves is too small for the allocations the test
+  // and the monitor make, so the address stays without a mapping.
+  const size_t page = PageSize();
+  char* guard = static_cast<char*>(
+      mmap(nullptr, 3 * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  ASSERT_NE(guard, MAP_FAILED);
+  char* p = static_cast<char*>(mmap(guard + page, page, PROT_READ | PROT_WRITE,
+                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0));
+  ASSERT_EQ(p, guard + page);
+  std::memset(p, 0x5a, page);
+  const auto start = reinterpret_cast<uintptr_t>(p);
+  TestPagemap pm(4, PageKind::kDevicePrivate, &owner_a, as_.get());
+  ASSERT_TRUE(MigrateToDevice(*as_, pm, start, start + page).ok());
+  std::vector<DevicePageInfo> info(1);
+  ASSERT_EQ(as_->LookupDevicePages(start, start + page, info), 1u);
+  const uint64_t id = info[0].id;
+  // Given an unmap the monitor does not report
+  MmMonitor& monitor = *as_->monitor();
+  const uint64_t token = monitor.ExpectRemove(start, start + page, MmMonitor::OwnChange::kReplace);
+  ASSERT_EQ(munmap(p, page), 0);
+  monitor.Sync();
+  monitor.EndExpect(token);
+  monitor.ForgetRange(start, start + page);
+  ASSERT_EQ(as_->LookupDevicePages(start, start + page, info), 1u)
+      << "the entry went with the unmap";
+  auto vma = as_->FindVma(start);
+  ASSERT_TRUE(vma.ok() && !*vma) << "the hole was mapped again";
+  // When the device evicts its page
+  const uint64_t ids[] = {id};
+  Status st = MigrateDevicePages(*as_, pm, ids);
+  // Then eviction succeeds, the entry is gone and the device page is free
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(as_->LookupDevicePages(start, start + page, info), 0u);
+  EXPECT_EQ(as_->device_page_count(), 0u);
+  EXPECT_EQ(pm.in_use(), 0u);
+  munmap(guard, 3 * page);
+}
+
 TEST_F(MigrateTest, FaultWindowOfOneBringsBackOnlyTheFaultingPage) {
   options_.fault_window = 1;
   as_ = MakeAddressSpace(options_);
