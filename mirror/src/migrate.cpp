@@ -680,12 +680,21 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
 // on its way and drops the entry; Sync waits for it. An entry still there afterwards outlived its
 // mapping (an application munmap inside one of hmmkit's own announced replacements, the residual
 // window of docs/migration.md): the kernel frees a device page with the unmap that removes it, so
-// the entry is dropped and its reference put, or eviction and teardown would wait on it forever.
+// the entry is dropped (after the unmap's invalidation) and its reference put, or eviction and
+// teardown would wait on it forever.
 // Returns whether the address is still without a VMA (the page is then no longer mapped).
-static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint64_t id) {
-  if (MmMonitor* monitor = as.monitor()) monitor->Sync();
+// `synced`: one Sync per eviction covers every event read before it.
+static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint64_t id,
+                         bool& synced) {
+  MmMonitor* monitor = as.monitor();
+  if (monitor && !synced) monitor->Sync();
+  synced = true;
   auto vma = as.FindVma(va);
   if (!vma.ok() || *vma) return false;
+  // What the missed unmap event would have done, in its order: devices drop their translations
+  // first, so that none still reaches the page once it is freed and handed out again.
+  as.notifiers().Invalidate(
+      NotifierRange{va, va + as.features().page_size, InvalidateEvent::kUnmap, nullptr});
   DeviceEntry e;
   if (as.device_entries().TakeIfPage(va, &pm, id, &e)) {
     Log().warn("migrate_device_range: device page {} at {:#x} outlived its mapping: dropped", id,
@@ -703,10 +712,11 @@ Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const u
     if (uintptr_t va = as.device_entries().AddressOf(&pm, id)) pages.emplace_back(va, id);
   std::sort(pages.begin(), pages.end());
   Status first = Status::Ok();
+  bool synced = false;
   for (size_t i = 0; i < pages.size();) {
     const uintptr_t va = pages[i].first;
     auto vma = as.FindVma(va);
-    if (vma.ok() && !*vma && DropIfOrphan(as, pm, va, pages[i].second)) {
+    if (vma.ok() && !*vma && DropIfOrphan(as, pm, va, pages[i].second, synced)) {
       ++i;
       continue;
     }

@@ -397,11 +397,22 @@ TEST_F(MigrateTest, EvictionDropsADevicePageThatOutlivedItsMapping) {
       << "the entry went with the unmap";
   auto vma = as_->FindVma(start);
   ASSERT_TRUE(vma.ok() && !*vma) << "the hole was mapped again";
+  // (a device mirror of the address, which missed the unmap too)
+  RecordingOps ops;
+  IntervalNotifier sub;
+  ASSERT_TRUE(as_->notifiers().Insert(sub, start, page, ops).ok());
   // When the device evicts its page
   const uint64_t ids[] = {id};
   Status st = MigrateDevicePages(*as_, pm, ids);
-  // Then eviction succeeds, the entry is gone and the device page is free
+  // Then eviction succeeds, the mirror is told of the unmap, the entry is gone and the device page
+  // is free
   EXPECT_TRUE(st.ok()) << st.ToString();
+  const std::vector<NotifierRange> seen = ops.seen();
+  ASSERT_EQ(seen.size(), 1u);
+  EXPECT_EQ(seen[0].event, InvalidateEvent::kUnmap);
+  EXPECT_EQ(seen[0].start, start);
+  EXPECT_EQ(seen[0].end, start + page);
+  as_->notifiers().Remove(sub);
   EXPECT_EQ(as_->LookupDevicePages(start, start + page, info), 0u);
   EXPECT_EQ(as_->device_page_count(), 0u);
   EXPECT_EQ(pm.in_use(), 0u);
