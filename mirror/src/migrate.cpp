@@ -677,18 +677,17 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr) {
 }
 
 // The entry at `va` (page `id` of `pm`) has no VMA under it. Normally the unmap's event is still
-// on its way and drops the entry; Sync waits for it. An entry still there afterwards outlived its
-// mapping (an application munmap inside one of hmmkit's own announced replacements, the residual
-// window of docs/migration.md): the kernel frees a device page with the unmap that removes it, so
-// the entry is dropped (after the unmap's invalidation) and its reference put, or eviction and
-// teardown would wait on it forever.
-// Returns whether the address is still without a VMA (the page is then no longer mapped).
-// `synced`: one Sync per eviction covers every event read before it.
-static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint64_t id,
-                         bool& synced) {
+// on its way and drops the entry; so is an mremap's, which moves it (the kernel queues those
+// events after the mapping changed: SyncUnread waits for them too). An entry still there
+// afterwards outlived its mapping (an application munmap inside one of hmmkit's own announced
+// replacements, the residual window of docs/migration.md): the kernel frees a device page with
+// the unmap that removes it, so the entry is dropped (after the unmap's invalidation) and its
+// reference put, or eviction and teardown would wait on it forever. When the monitor cannot tell
+// (messages kept arriving), the entry is kept: a lost page is worse than a failed eviction.
+// Returns whether the entry is gone from `va`.
+static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint64_t id) {
   MmMonitor* monitor = as.monitor();
-  if (monitor && !synced) monitor->Sync();
-  synced = true;
+  if (monitor && !monitor->SyncUnread(std::chrono::milliseconds(100))) return false;
   auto vma = as.FindVma(va);
   if (!vma.ok() || *vma) return false;
   // What the missed unmap event would have done, in its order: devices drop their translations
@@ -712,11 +711,10 @@ Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const u
     if (uintptr_t va = as.device_entries().AddressOf(&pm, id)) pages.emplace_back(va, id);
   std::sort(pages.begin(), pages.end());
   Status first = Status::Ok();
-  bool synced = false;
   for (size_t i = 0; i < pages.size();) {
     const uintptr_t va = pages[i].first;
     auto vma = as.FindVma(va);
-    if (vma.ok() && !*vma && DropIfOrphan(as, pm, va, pages[i].second, synced)) {
+    if (vma.ok() && !*vma && DropIfOrphan(as, pm, va, pages[i].second)) {
       ++i;
       continue;
     }

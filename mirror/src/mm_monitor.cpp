@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <thread>
 
 #include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/internal_memory.hpp"
@@ -730,6 +731,25 @@ void MmMonitor::Sync() {
   queue_cv_.NotifyAll();
   // Not woken by stopping_: the event thread drains the queue (and this barrier) before it exits.
   queue_cv_.Wait(queue_mu_, [&]() REQUIRES(queue_mu_) { return barrier.done; });
+}
+
+bool MmMonitor::SyncUnread(std::chrono::milliseconds limit) {
+  const auto until = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    pollfd p{uffd_, POLLIN, 0};
+    int n = 0;
+    {
+      // The reader reads under this lock: a message it is taking now is queued when we get it.
+      MutexLock lock(queue_mu_);
+      n = ::poll(&p, 1, 0);
+    }
+    if (n == 0) break;
+    if (n < 0 && errno != EINTR) return false;
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::yield();
+  }
+  Sync();
+  return true;
 }
 
 // ---- interposition -----------------------------------------------------------------------------

@@ -42,6 +42,20 @@ class MonitorEvents : public ::testing::Test {
   std::shared_ptr<AddressSpace> as_;
 };
 
+TEST_F(MonitorEvents, SyncUnreadDispatchesWhatWasUnmappedAndReportsAQuietMonitor) {
+  const size_t pg = PageSize();
+  Mapping a(4 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  RecordingOps ops;
+  IntervalNotifier sub;
+  Watch(sub, ops, a);
+  // When part of the range is unmapped and SyncUnread returns true
+  ASSERT_EQ(munmap(a.page(2), 2 * pg), 0);
+  ASSERT_TRUE(as_->monitor()->SyncUnread(std::chrono::milliseconds(1000)));
+  // Then the unmap was dispatched already
+  EXPECT_TRUE(Has(ops.seen(), InvalidateEvent::kUnmap, a.addr() + 2 * pg, a.end()));
+  as_->notifiers().Remove(sub);
+}
+
 TEST_F(MonitorEvents, MunmapRaisesUnmapOnTheUnmappedRangeOnly) {
   // Given two watched mappings, each with its own subscription.
   const size_t pg = PageSize();

@@ -113,12 +113,13 @@ Status MigrateVmaPages(MigrateVma& m);
 void MigrateVmaFinalize(MigrateVma& m);
 
 /// migrate_device_range: moves the given pages of `pm` back to system memory wherever `as`
-/// maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped; a page whose
-/// entry is left at an address with no VMA once pending events are dispatched (Sync) outlived its
-/// mapping: notifiers get the kUnmap invalidation it missed, then its entry is dropped and its
-/// reference put (PutPage), with a warning. Data is copied with pm.CopyToRam. Context: any thread
-/// but the monitor's fault thread, no driver lock that an Invalidate callback takes. Errors: the
-/// first failure; pages already moved stay moved.
+/// maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped. An entry
+/// still at an address with no VMA once every event the monitor holds is dispatched (SyncUnread)
+/// outlived its mapping: notifiers get the kUnmap invalidation it missed, then the entry is
+/// dropped and its reference put (PutPage), with a warning. If the monitor cannot tell (messages
+/// kept arriving for 100 ms) the entry is kept and counts as a failure. Data is copied with
+/// pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock that an
+/// Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids);
 
 /// Moves every page of `pm` that `as` maps back to system memory. A driver calls it before it

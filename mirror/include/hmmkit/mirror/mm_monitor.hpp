@@ -32,6 +32,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -161,6 +162,11 @@ class MmMonitor {
   /// Waits until every event of an operation that returned before this call has been dispatched
   /// (its invalidations have run). Called from a callback on the event thread it returns at once.
   void Sync() EXCLUDES(queue_mu_);
+  /// Sync, after the reader has read every message the userfaultfd holds now: also covers an
+  /// munmap or mremap still inside the kernel, whose mapping change is visible but whose event was
+  /// queued after this call began. Returns false, having waited up to `limit`, when messages keep
+  /// arriving (faults under load): the caller cannot tell then. Any thread but the fault thread.
+  bool SyncUnread(std::chrono::milliseconds limit) EXCLUDES(queue_mu_);
 
   // ---- Resolving faults (FaultHandler) and driving migrations (driver/) -----------------------
   /// Thin wrappers of the UFFDIO_* ioctls; EAGAIN (the mm is changing) and EEXIST (someone else
