@@ -531,7 +531,10 @@ Status MigrateVmaPages(MigrateVma& m) {
                         : monitor.Copy(va, const_cast<char*>(from), k * page,
                                        /*write_protect=*/false, /*wake=*/false, &copied);
     CommitCopied(m, st, i, k, c.ok() ? k : copied / page);
-    if (!c.ok() && result.ok()) result = c;
+    // Named by address: an EEXIST here means a CPU page is present where a device entry still is.
+    if (!c.ok() && result.ok())
+      result = Status::FromErrno(
+          c.errno_value(), fmt::format("{} copying {} pages back to {:#x}", c.message(), k, va));
     i += k;
   }
   return result;
