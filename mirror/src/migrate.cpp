@@ -693,6 +693,9 @@ static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint
   if (monitor && !monitor->SyncUnread(std::chrono::milliseconds(100))) return false;
   auto vma = as.FindVma(va);
   if (!vma.ok() || *vma) return false;
+  // On the event thread Sync cannot wait for the events queued behind the one being dispatched:
+  // a change still queued over `va` (an mremap that moves the entry) is left to its dispatch.
+  if (monitor && monitor->ChangePending(va, va + as.features().page_size)) return false;
   // What the missed unmap event would have done, in its order: devices drop their translations
   // first, so that none still reaches the page once it is freed and handed out again.
   as.notifiers().Invalidate(

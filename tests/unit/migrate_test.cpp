@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <thread>
 #include <vector>
 
@@ -417,6 +418,55 @@ TEST_F(MigrateTest, EvictionDropsADevicePageThatOutlivedItsMapping) {
   EXPECT_EQ(as_->device_page_count(), 0u);
   EXPECT_EQ(pm.in_use(), 0u);
   munmap(guard, 3 * page);
+}
+
+// Eviction from an invalidation callback runs on the monitor's event thread, where Sync cannot
+// wait for the events queued behind the one being dispatched. An mremap queued there has already
+// moved the pages: their old addresses have no VMA, yet the entries are not orphans and must move.
+TEST_F(MigrateTest, EvictionOnTheEventThreadLeavesMovedPagesToTheirQueuedRemap) {
+  const size_t n = 4, len = n * PageSize();
+  Mapping m(len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 31);
+  TestPagemap pm(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  ASSERT_TRUE(MigrateToDevice(*as_, pm, m.addr(), m.end()).ok());
+  std::vector<DevicePageInfo> info(n);
+  ASSERT_EQ(as_->LookupDevicePages(m.addr(), m.end(), info), n);
+  std::vector<uint64_t> ids;
+  for (const DevicePageInfo& i : info) ids.push_back(i.id);
+  // Given a callback that, on the unmap of `trigger`, waits until the mremap below is queued
+  // behind it and then evicts the device's pages
+  Mapping trigger(PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  const uintptr_t trigger_addr = trigger.addr();
+  RecordingOps ops;
+  IntervalNotifier sub;
+  ASSERT_TRUE(as_->notifiers().Insert(sub, trigger_addr, PageSize(), ops).ok());
+  ASSERT_TRUE(as_->monitor()->EnsureWatched(trigger_addr, trigger_addr + PageSize()).ok());
+  std::promise<void> remapped;
+  std::shared_future<void> remapped_done = remapped.get_future().share();
+  std::promise<Status> evicted;
+  std::future<Status> eviction = evicted.get_future();
+  std::atomic<bool> ran{false};
+  ops.set_before([&](const NotifierRange& r) {
+    if (r.event != InvalidateEvent::kUnmap || r.start != trigger_addr || ran.exchange(true)) return;
+    remapped_done.wait();
+    evicted.set_value(MigrateDevicePages(*as_, pm, ids));
+  });
+  ASSERT_EQ(munmap(trigger.data(), PageSize()), 0);
+  trigger.Release();
+  // When the migrated range moves while the event thread is inside that callback
+  Mapping target(len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS);
+  void* moved = mremap(m.data(), len, len, MREMAP_MAYMOVE | MREMAP_FIXED, target.data());
+  ASSERT_EQ(moved, target.data());
+  m.Release();
+  remapped.set_value();
+  ASSERT_EQ(eviction.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  const Status st = eviction.get();
+  as_->monitor()->Sync();
+  // Then the eviction took none of the moved pages for an orphan: the data is at the new address
+  EXPECT_FALSE(st.ok()) << "the old addresses have no VMA: nothing to migrate there";
+  EXPECT_TRUE(Check(target.data(), n, 31));
+  EXPECT_EQ(pm.in_use(), 0u);
+  as_->notifiers().Remove(sub);
 }
 
 TEST_F(MigrateTest, FaultWindowOfOneBringsBackOnlyTheFaultingPage) {

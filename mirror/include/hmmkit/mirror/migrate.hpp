@@ -115,10 +115,11 @@ void MigrateVmaFinalize(MigrateVma& m);
 /// migrate_device_range: moves the given pages of `pm` back to system memory wherever `as`
 /// maps them, without walking VMAs (eviction). Pages not mapped anywhere are skipped. An entry
 /// still at an address with no VMA once every event the monitor holds is dispatched (SyncUnread)
-/// outlived its mapping: notifiers get the kUnmap invalidation it missed, then the entry is
-/// dropped and its reference put (PutPage), with a warning. If the monitor cannot tell (messages
-/// kept arriving for 100 ms) the entry is kept and counts as a failure. Data is copied with
-/// pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock that an
+/// and with no change still queued over it (ChangePending: on the event thread Sync cannot wait
+/// for those) outlived its mapping: notifiers get the kUnmap invalidation it missed, then the
+/// entry is dropped and its reference put (PutPage), with a warning. If the monitor cannot tell
+/// (messages kept arriving for 100 ms) the entry is kept and counts as a failure. Data is copied
+/// with pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock that an
 /// Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids);
 
