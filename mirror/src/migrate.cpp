@@ -110,6 +110,13 @@ class OnExit {
   Fn fn_;
 };
 
+// The same kind of mapping as far as a migration can tell (its own registration splits and merges
+// VMAs, so bounds may differ).
+bool SameMapping(const Vma& a, const Vma& b) {
+  return a.read == b.read && a.write == b.write && a.exec == b.exec && a.shared == b.shared &&
+         a.kind == b.kind;
+}
+
 int ProtOf(const Vma& vma) {
   return (vma.read ? PROT_READ : 0) | (vma.write ? PROT_WRITE : 0) | (vma.exec ? PROT_EXEC : 0);
 }
@@ -268,6 +275,16 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
       Status routed = st->entries->EnsureRouted(s, e);
       if (!routed.ok()) return routed;
     }
+    // From here a change of the range raises an event that our subscription records. One made
+    // between the lookup above and the registration raised none (the old VMA was not registered
+    // yet): a mapping put in its place (another thread's mmap MAP_FIXED, or an allocation taking
+    // the address an munmap freed) would be migrated as if it were the one looked up, and a
+    // PROT_NONE one would get device pages. Look again.
+    auto again = as.FindVma(m.start);
+    if (!again.ok()) return again.status();
+    if (!*again || !SameMapping(**again, st->vma) || (*again)->end < m.end)
+      return Status::FromErrno(
+          EAGAIN, fmt::format("migrate_vma: the mapping at {:#x} changed during setup", m.start));
   }
   st->entries->BeginMigration(m.start, m.end);
   keep_sub = true;  // Finalize removes it from here on

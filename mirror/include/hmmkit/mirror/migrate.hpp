@@ -94,7 +94,9 @@ struct MigrateVma {
 
 /// Collects the pages. Errors: EINVAL (unaligned, empty, spans more than one VMA, no VMA, no select
 /// flag, missing pagemap, entries too short), ENOTSUP (no userfaultfd monitor: migration needs it),
-/// registration errors. After an error nothing was changed and Finalize need not be called.
+/// registration errors, EAGAIN (to a device: the VMA was replaced by another mapping while the
+/// range was being registered; look again and retry). After an error nothing was changed and
+/// Finalize need not be called.
 Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m);
 
 /// For device->system migrations: points dst[i] at a fresh system staging page for every collected
