@@ -280,9 +280,14 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
     // yet): a mapping put in its place (another thread's mmap MAP_FIXED, or an allocation taking
     // the address an munmap freed) would be migrated as if it were the one looked up, and a
     // PROT_NONE one would get device pages. Look again.
-    auto again = as.FindVma(m.start);
+    // The registration itself splits the VMA (only the pages outside hmmkit's memory are routed):
+    // the range must still be covered, without holes, by VMAs of the kind looked up.
+    auto again = as.FindVmas(m.start, m.end);
     if (!again.ok()) return again.status();
-    if (!*again || !SameMapping(**again, st->vma) || (*again)->end < m.end)
+    uintptr_t covered = m.start;
+    for (const Vma& v : *again)
+      if (v.start <= covered && SameMapping(v, st->vma)) covered = std::max(covered, v.end);
+    if (covered < m.end)
       return Status::FromErrno(
           EAGAIN, fmt::format("migrate_vma: the mapping at {:#x} changed during setup", m.start));
   }
