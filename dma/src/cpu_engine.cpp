@@ -141,7 +141,7 @@ Result<std::unique_ptr<CpuDmaEngine>> CpuDmaEngine::Create(const Options& option
     engine->workers_.reserve(options.threads);
     for (unsigned i = 0; i < options.threads; ++i) {
       engine->workers_.emplace_back([e = engine.get()] {
-        InternalThreadScope internal;  // a migration never takes this thread's stack
+        InternalThreadScope internal("hmmkit-dma");  // a migration never takes this thread's stack
         e->WorkerLoop();
       });
     }

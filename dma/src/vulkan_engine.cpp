@@ -134,7 +134,8 @@ Status VulkanDmaEngine::Init() {
 
   try {
     completion_ = std::thread([this] {
-      InternalThreadScope internal;  // a migration never takes this thread's stack
+      InternalThreadScope internal(
+          "hmmkit-vk-done");  // a migration never takes this thread's stack
       CompletionLoop();
     });
   } catch (const std::system_error& e) {

@@ -234,9 +234,9 @@ Status MmMonitor::Open() {
 }
 
 void MmMonitor::Start() {
-  auto running = [this](void (MmMonitor::*loop)()) {
-    return std::thread([this, loop] {
-      InternalThreadScope internal;  // a migration never takes this thread's stack
+  auto running = [this](void (MmMonitor::*loop)(), const char* name) {
+    return std::thread([this, loop, name] {
+      InternalThreadScope internal(name);  // a migration never takes this thread's stack
       {
         MutexLock lock(start_mu_);
         ++started_;
@@ -245,9 +245,9 @@ void MmMonitor::Start() {
       (this->*loop)();
     });
   };
-  reader_ = running(&MmMonitor::ReaderLoop);
-  event_thread_ = running(&MmMonitor::EventLoop);
-  fault_thread_ = running(&MmMonitor::FaultLoop);
+  reader_ = running(&MmMonitor::ReaderLoop, "hmmkit-uffd-rd");
+  event_thread_ = running(&MmMonitor::EventLoop, "hmmkit-events");
+  fault_thread_ = running(&MmMonitor::FaultLoop, "hmmkit-cpufault");
   MutexLock lock(start_mu_);
   start_cv_.Wait(start_mu_, [this]() REQUIRES(start_mu_) { return started_ == 3; });
 }

@@ -2,6 +2,7 @@
 // registered pages (and the migrating thread's own stack) in system memory.
 #include "hmmkit/base/internal_memory.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <chrono>
@@ -41,8 +42,10 @@ TEST(InternalMemoryTest, MapInternalAndThreadScopesRegisterUntilReleased) {
 
   std::pair<uintptr_t, uintptr_t> stack{}, tcb{};
   bool inside = false;
+  char name[16] = {};
   std::thread t([&] {
-    InternalThreadScope scope;
+    InternalThreadScope scope("hmmkit-test");
+    pthread_getname_np(pthread_self(), name, sizeof name);
     stack = CurrentThreadStack();
     tcb = CurrentThreadControlBlock(/*with_tls=*/true);
     int local = 0;
@@ -54,6 +57,7 @@ TEST(InternalMemoryTest, MapInternalAndThreadScopesRegisterUntilReleased) {
   });
   t.join();
   EXPECT_TRUE(inside) << "CurrentThreadStack covers the thread's locals";
+  EXPECT_STREQ(name, "hmmkit-test") << "the scope names the thread for ps, /proc and debuggers";
   EXPECT_FALSE(InternalMemory::Overlaps(stack.first, stack.second)) << "unregistered at exit";
   EXPECT_FALSE(InternalMemory::Overlaps(tcb.first, tcb.second));
 }

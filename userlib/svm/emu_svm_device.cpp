@@ -310,7 +310,8 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     std::vector<std::thread> threads;
     auto start_unit = [&](unsigned cu) {
       threads.emplace_back([&, cu] {
-        InternalThreadScope internal;  // a migration never takes a compute unit's stack
+        InternalThreadScope internal(
+            "hmmkit-cu");  // a migration never takes a compute unit's stack
         EmuKernelContext& k = *ctx[cu];
         t_unit = &k;
         for (;;) {
@@ -482,12 +483,12 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     // This device's trace track: its pgmap owner (this) names it for the migration code too.
     track_ = trace::TrackFor(this, trace::TrackKind::kDevice, name_);
     service_ = std::thread([this] {
-      InternalThreadScope internal;
+      InternalThreadScope internal("hmmkit-devfault");
       faults_.ServiceLoop([this](auto batch) { return Service(batch); });
     });
     if (counter_threshold_ > 0)
       counter_thread_ = std::thread([this] {
-        InternalThreadScope internal;
+        InternalThreadScope internal("hmmkit-counters");
         CounterLoop();
       });
     Log().info("{}: emulated SVM device, {} compute units, {} MiB device memory, {} on fault",

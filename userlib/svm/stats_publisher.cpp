@@ -97,7 +97,8 @@ uint64_t StatsPublisher::Add(PublishedDevice d) {
   if (open_++ == 0) {
     stop_ = false;
     thread_ = std::thread([this] {
-      InternalThreadScope internal;  // like the device's threads: its stack is never migrated
+      InternalThreadScope internal(
+          "hmmkit-stats");  // like the device's threads: its stack is never migrated
       Loop();
     });
   }

@@ -59,7 +59,8 @@ struct Stream::Impl {
 
   explicit Impl(Device& d)
       : dev(d), worker([this] {
-          InternalThreadScope internal;  // a migration never takes this thread's stack
+          InternalThreadScope internal(
+              "hmmkit-stream");  // a migration never takes this thread's stack
           Loop();
         }) {}
 

@@ -106,7 +106,7 @@ class FdWaiter {
   }
 
   void Run() EXCLUDES(mu_) {
-    InternalThreadScope internal;  // never migrate this thread's stack
+    InternalThreadScope internal("hmmkit-drm-sync");  // never migrate this thread's stack
     epoll_event events[16];
     for (;;) {
       const int n = epoll_wait(epfd_, events, 16, -1);

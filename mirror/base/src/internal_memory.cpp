@@ -190,8 +190,9 @@ void RegisterLoaderMemory() {
   });
 }
 
-InternalThreadScope::InternalThreadScope()
+InternalThreadScope::InternalThreadScope(const char* name)
     : stack_(CurrentThreadStack()), tcb_(CurrentThreadControlBlock(/*with_tls=*/true)) {
+  ::pthread_setname_np(::pthread_self(), name);  // fails (ERANGE) only on a name over 15 chars
   registered_ = InternalMemory::Add(stack_.first, stack_.second);
   tcb_registered_ = InternalMemory::Add(tcb_.first, tcb_.second);
 }

@@ -60,10 +60,12 @@ std::pair<uintptr_t, uintptr_t> CurrentThreadStack();
 /// mapping).
 std::pair<uintptr_t, uintptr_t> CurrentThreadControlBlock(bool with_tls);
 
-/// Registers the calling thread's stack as internal memory until destroyed (on the same thread).
+/// Registers the calling thread's stack as internal memory until destroyed (on the same thread),
+/// and names the thread (at most 15 characters, "hmmkit-..."), so that ps, /proc, debuggers and
+/// hang reports tell hmmkit's threads apart. Called first thing on each thread hmmkit starts.
 class InternalThreadScope {
  public:
-  InternalThreadScope();
+  explicit InternalThreadScope(const char* name);
   ~InternalThreadScope();
   InternalThreadScope(const InternalThreadScope&) = delete;
   InternalThreadScope& operator=(const InternalThreadScope&) = delete;
