@@ -7,6 +7,7 @@ packages=(
   g++ clang clang-format clang-tidy libclang-rt-dev
   libdrm-dev libboost-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libvulkan-dev libbenchmark-dev mesa-vulkan-drivers
+  gdb  # backtraces of every thread when hmmkit_stress's watchdog reports a hang (tests/stress)
   doxygen  # the generated API reference, warnings are errors (scripts/doxygen.sh, CI lane "docs")
 )
 

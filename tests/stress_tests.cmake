@@ -7,7 +7,8 @@ add_executable(hmmkit_stress
   stress/mapping.cpp
   stress/oracle.cpp
   stress/injector.cpp
-  stress/workload.cpp)
+  stress/workload.cpp
+  stress/thread_dump.cpp)
 target_link_libraries(hmmkit_stress PRIVATE hmmkit::svm hmmkit::interpose Threads::Threads)
 # The interposer is found at run time (dlsym); nothing references it at link time, so keep it.
 target_link_options(hmmkit_stress PRIVATE "LINKER:--no-as-needed")
@@ -38,5 +39,11 @@ add_test(NAME stress.replay COMMAND ${CMAKE_COMMAND} -DSTRESS=$<TARGET_FILE:hmmk
 add_test(NAME stress.detects COMMAND hmmkit_stress --seed 7 --ops 20 --corrupt-at 5)
 set_tests_properties(stress.detects PROPERTIES TIMEOUT 600
   PASS_REGULAR_EXPRESSION "oracle after op #5: mapping .*replay: hmmkit_stress --seed 7 --ops 20")
+# The watchdog: a step that does not return is reported with every thread's state (/proc's wait
+# channel and system call; gdb's backtraces where gdb is installed) and the replay line.
+add_test(NAME stress.detects_hang COMMAND hmmkit_stress --seed 7 --ops 20 --hang-at 3
+  --step-timeout 2)
+set_tests_properties(stress.detects_hang PROPERTIES TIMEOUT 300
+  PASS_REGULAR_EXPRESSION "threads \\(/proc/self/task.*hmmkit-events.*(backtraces \\(gdb|no gdb on PATH).*a step ran for [0-9]+ s: a hang.*replay: hmmkit_stress --seed 7 --ops 20")
 # Well above the budgets: a budget ends between steps, and a step may take long when sanitized.
 set_tests_properties(stress.budget stress.inject stress.replay PROPERTIES TIMEOUT 600)

@@ -17,6 +17,7 @@
 #include "injector.hpp"
 #include "options.hpp"
 #include "oracle.hpp"
+#include "thread_dump.hpp"
 #include "workload.hpp"
 
 namespace {
@@ -38,6 +39,7 @@ class Watchdog {
                                    .count();
             if (ran < limit_s) continue;
             stress::ReplayInfo r{seed.load(), o.ops, o.inject, o.interpose, o.device_mib};
+            stress::DumpThreads();  // before the summary, which ends with the replay line
             stress::Fail(r, h, "a step ran for " + std::to_string(int(ran)) + " s: a hang", 3);
           }
         }) {}
@@ -61,6 +63,7 @@ class Watchdog {
 
 int main(int argc, char** argv) {
   stress::Options o = stress::ParseOptions(argc, argv);
+  stress::AllowThreadDump();
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // --verbose lines survive a crash
   // mprotect is seen only through interposition (docs/architecture.md); the library is linked in.
   if (o.interpose) ::setenv("HMMKIT_INTERPOSE", "1", 0);

@@ -16,7 +16,8 @@ namespace {
                "usage: hmmkit_stress [--seed S | --base-seed B] [--seeds N] [--seconds S | "
                "--minutes M]\n"
                "                     [--ops N] [--inject] [--verbose] [--digest] [--no-interpose]\n"
-               "                     [--device-mib N] [--step-timeout S] [--corrupt-at N]\n",
+               "                     [--device-mib N] [--step-timeout S] [--corrupt-at N]\n"
+               "                     [--hang-at N]\n",
                why);
   std::exit(2);
 }
@@ -67,6 +68,8 @@ Options ParseOptions(int argc, char** argv) {
       o.step_timeout = ParseDouble(a, value());
     } else if (!std::strcmp(a, "--corrupt-at")) {
       o.corrupt_at = int64_t(ParseU64(a, value()));
+    } else if (!std::strcmp(a, "--hang-at")) {
+      o.hang_at = int64_t(ParseU64(a, value()));
     } else if (!std::strcmp(a, "--inject")) {
       o.inject = true;
     } else if (!std::strcmp(a, "--verbose")) {

@@ -21,6 +21,8 @@ struct Options {
   double step_timeout = 120;  // --step-timeout: a step that takes longer is reported as a hang
   int64_t corrupt_at = -1;    // --corrupt-at N: flip a bit behind the oracle's back after op N
                               // (proves the oracle catches it; the run must fail)
+  int64_t hang_at = -1;       // --hang-at N: block forever after op N (proves the watchdog reports
+                              // a hang with every thread's state; the run must fail)
 };
 
 // Parses argv; prints usage and exits 2 on an error.

@@ -110,6 +110,8 @@ class Workload {
       if (env_.options.inject && op_ % kRearmEvery == 0) env_.injector.Arm(seed_ * 1000003 + op_);
       Step();
       if (int64_t(op_) == env_.options.corrupt_at) CorruptOne();
+      if (int64_t(op_) == env_.options.hang_at)
+        for (;;) ::pause();  // the watchdog ends the process
       CheckAll("after");
       env_.step_start_ns.store(0);
     }
