@@ -4,6 +4,8 @@
 #include "hmmkit/base/fault_injection.hpp"
 
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdint>
 #include <cstring>
@@ -195,6 +197,34 @@ TEST_F(InjectedFailureTest, CpuFaultBackRetriesTransientCopyFailures) {
   }
   ExpectCpuSees(1);
   ExpectDeviceSees(1);
+}
+
+// fork's prepare handler moves every device page back so that the child gets the data. While the
+// mm is changing (an event the monitor has not read yet: a concurrent munmap, a migration's zap)
+// the kernel refuses UFFDIO_COPY with EAGAIN; the handler must retry until the copies land, not
+// give up after a few tries and let the child read zeros (seen in the stress run, under load).
+TEST_F(InjectedFailureTest, ForkRetriesEvictionsTheKernelRefusesWhileTheMmChanges) {
+  if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;
+  ToDevice();
+  pid_t child = -1;
+  {
+    // Each refused copy lands half of what is left of its run: more refusals than the handler
+    // once tried leave pages on the device.
+    ScopedPlan plan(Site::kUffdCopy, Plan{.count = 12});
+    child = fork();
+    if (child == 0) {
+      size_t bad = 0;
+      for (size_t i = 0; i < words(); ++i) bad += word(i) != Pattern(i, 1);
+      _exit(bad == 0 ? 0 : 1);
+    }
+    EXPECT_EQ(inject::Fired(Site::kUffdCopy), 12u);
+  }
+  ASSERT_GT(child, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child read lost pages";
+  EXPECT_EQ(Where(), Residency::kSystem);
+  ExpectCpuSees(1);
 }
 
 TEST_F(InjectedFailureTest, MonitorReadErrorsDelayButLoseNoFault) {
