@@ -4,12 +4,14 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -80,8 +82,8 @@ std::string Compact(const std::string& line) {
   return line.substr(0, number_end) + "  " + fn + (at == std::string::npos ? "" : line.substr(at));
 }
 
-// gdb's backtraces of every thread, filtered (Keep, Compact); gdb is killed after 60 s so a stuck
-// debugger cannot hide the report.
+// gdb's backtraces of every thread, filtered (Keep, Compact); gdb is killed after 60 s (timeout)
+// so a stuck debugger cannot hide the report.
 void PrintGdbBacktraces() {
   if (!OnPath("gdb")) {
     std::fprintf(stderr, "(no gdb on PATH: no backtraces)\n");
@@ -91,19 +93,33 @@ void PrintGdbBacktraces() {
   int out[2];
   if (::pipe2(out, O_CLOEXEC) != 0) return;
   std::fflush(stderr);
-  const pid_t child = ::fork();
-  if (child < 0) {
+  // posix_spawn, not fork: fork runs the atfork handlers, and hmmkit's evicts device pages, which
+  // waits on the very migrations that may be hung.
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, out[1], STDERR_FILENO);
+  const char* argv[] = {"timeout",
+                        "-s",
+                        "KILL",
+                        "60",
+                        "gdb",
+                        "-batch",
+                        "-nx",
+                        "-p",
+                        pid.c_str(),
+                        "-ex",
+                        "thread apply all bt 32",
+                        nullptr};
+  pid_t child = -1;
+  const int err =
+      ::posix_spawnp(&child, "timeout", &actions, nullptr, const_cast<char* const*>(argv), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (err != 0) {
     ::close(out[0]);
     ::close(out[1]);
+    std::fprintf(stderr, "(cannot start gdb: %s)\n", std::strerror(err));
     return;
-  }
-  if (child == 0) {
-    ::dup2(out[1], STDOUT_FILENO);
-    ::dup2(out[1], STDERR_FILENO);
-    ::alarm(60);
-    ::execlp("gdb", "gdb", "-batch", "-nx", "-p", pid.c_str(), "-ex", "thread apply all bt 32",
-             static_cast<char*>(nullptr));
-    ::_exit(127);
   }
   ::close(out[1]);
   std::fprintf(stderr,
@@ -125,7 +141,8 @@ void PrintGdbBacktraces() {
   }
   int status = 0;
   ::waitpid(child, &status, 0);
-  if (WIFSIGNALED(status)) std::fprintf(stderr, "(gdb did not finish in 60 s)\n");
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGKILL)
+    std::fprintf(stderr, "(gdb did not finish in 60 s)\n");
 }
 
 }  // namespace
