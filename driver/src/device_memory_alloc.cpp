@@ -9,7 +9,10 @@
 // (smallest LRU stamp) that has allocated pages, is not being evicted and was not tried by this
 // allocation, marks it evicting (so no other allocator evicts it and no page of it is handed out),
 // and calls the hook with mu_ released. When no such chunk exists but other threads are evicting,
-// the round waits for one of those evictions to end instead. Pages an allocation already took stay
+// the round waits for one of those evictions to end instead. The hook runs in a
+// MigrationNoWaitScope: pages under migration (possibly by this very thread, which allocates for
+// its own migration) are left, the hook fails with EBUSY or EDEADLK, and the next round takes
+// another chunk; waiting there deadlocked (docs/locking.md). Pages an allocation already took stay
 // reserved across rounds (state kReserved: never handed to the hook); they are given back if the
 // allocation fails.
 #include <algorithm>
@@ -21,8 +24,17 @@
 #include "hmmkit/base/log.hpp"
 #include "hmmkit/base/trace.hpp"
 #include "hmmkit/driver/device_memory.hpp"
+#include "hmmkit/mirror/migrate.hpp"
 
 namespace hmmkit::driver {
+
+namespace {
+// An eviction that left pages because they are under migration (MigrationNoWaitScope): the
+// allocation goes on with another chunk.
+bool Busy(const Status& st) {
+  return st.errno_value() == EBUSY || st.errno_value() == EDEADLK;
+}
+}  // namespace
 
 Result<std::vector<uint64_t>> DeviceMemory::AllocPages(size_t n) {
   if (n == 0) return Status::FromErrno(EINVAL, "AllocPages of 0 pages");
@@ -64,7 +76,7 @@ Result<std::vector<uint64_t>> DeviceMemory::AllocPages(size_t n) {
       UnreserveLocked(got);
       return Status::FromErrno(ENODEV, "device memory '" + options_.name + "' is shut down");
     }
-    if (!why.ok()) break;
+    if (!why.ok() && !Busy(why)) break;
   }
   if (got.size() < n) {
     UnreserveLocked(got);
@@ -135,7 +147,7 @@ Result<uint64_t> DeviceMemory::AllocChunk() {
     if (closing_) {
       return Status::FromErrno(ENODEV, "device memory '" + options_.name + "' is shut down");
     }
-    if (!why.ok()) break;
+    if (!why.ok() && !Busy(why)) break;
   }
   ++counters_.alloc_failures;
   return Status::FromErrno(ENOMEM, "device memory '" + options_.name +
@@ -169,6 +181,10 @@ Status DeviceMemory::EvictRoundLocked(std::vector<uint64_t>& tried, bool need_wh
   {
     // The hook's migrations report "migrate" and "evict" events with this cause.
     const trace::CauseScope cause(trace::Cause::kEvict);
+    // This thread may be inside a migration of some of these pages (it allocates for it), and
+    // another thread's migration of others may be waiting for this eviction to end: neither is
+    // waited for. Their pages stay; the next round takes another chunk.
+    const hmmkit::MigrationNoWaitScope no_wait;
     st = CallEvict(ids);
   }
   mu_.lock();
@@ -180,8 +196,9 @@ Status DeviceMemory::EvictRoundLocked(std::vector<uint64_t>& tried, bool need_wh
   cv_.NotifyAll();
   if (!st.ok()) {
     ++counters_.evict_failures;
-    // The default hook (ENOTSUP) fails on every full allocation: not worth a warning each time.
-    Log().log(st.errno_value() == ENOTSUP ? spdlog::level::debug : spdlog::level::warn,
+    // The default hook (ENOTSUP) fails on every full allocation, and pages under migration
+    // (Busy) are an ordinary outcome under load: not worth a warning each time.
+    Log().log(st.errno_value() == ENOTSUP || Busy(st) ? spdlog::level::debug : spdlog::level::warn,
               "device memory '{}': evicting chunk {} failed: {}", options_.name, victim,
               st.ToString());
     return st;

@@ -256,19 +256,50 @@ void DeviceEntries::MoveRange(uintptr_t from, uintptr_t to, size_t len) {
 
 // ---- migrations in flight ----------------------------------------------------------------------
 
-void DeviceEntries::BeginMigration(uintptr_t start, uintptr_t end) {
+namespace {
+thread_local int t_no_wait_depth = 0;  // MigrationNoWaitScope
+}  // namespace
+
+Status DeviceEntries::BeginMigration(uintptr_t start, uintptr_t end) {
+  const std::thread::id self = std::this_thread::get_id();
+  auto overlaps = [&](const InFlight& r) { return r.start < end && start < r.end; };
   MutexLock lock(mu_);
+  Status refused;
   cv_.Wait(mu_, [&]() REQUIRES(mu_) {
-    return std::none_of(migrating_.begin(), migrating_.end(),
-                        [&](const auto& r) { return r.first < end && start < r.second; });
+    bool busy = false;
+    for (const InFlight& r : migrating_) {
+      if (!overlaps(r)) continue;
+      if (r.owner == self) {
+        refused = Status::FromErrno(
+            EDEADLK, fmt::format("migration of {:#x}-{:#x}: this thread is migrating "
+                                 "{:#x}-{:#x} itself (an eviction from inside that migration)",
+                                 start, end, r.start, r.end));
+        return true;
+      }
+      busy = true;
+    }
+    if (busy && t_no_wait_depth > 0) {
+      refused = Status::FromErrno(
+          EBUSY, fmt::format("migration of {:#x}-{:#x}: another thread is migrating pages of it",
+                             start, end));
+      return true;
+    }
+    return !busy;
   });
-  migrating_.emplace_back(start, end);
+  if (!refused.ok()) return refused;
+  migrating_.push_back(InFlight{start, end, self});
+  return Status::Ok();
 }
 
 void DeviceEntries::EndMigration(uintptr_t start, uintptr_t end) {
+  const std::thread::id self = std::this_thread::get_id();
   {
     MutexLock lock(mu_);
-    auto it = std::find(migrating_.begin(), migrating_.end(), std::make_pair(start, end));
+    // This thread's own record first; a driver may also finalize on another thread than Setup's.
+    auto same = [&](const InFlight& r) { return r.start == start && r.end == end; };
+    auto it = std::find_if(migrating_.begin(), migrating_.end(),
+                           [&](const InFlight& r) { return same(r) && r.owner == self; });
+    if (it == migrating_.end()) it = std::find_if(migrating_.begin(), migrating_.end(), same);
     if (it != migrating_.end()) migrating_.erase(it);
   }
   cv_.NotifyAll();
@@ -278,7 +309,7 @@ void DeviceEntries::WaitNoMigration(uintptr_t va) {
   MutexLock lock(mu_);
   cv_.Wait(mu_, [&]() REQUIRES(mu_) {
     return std::none_of(migrating_.begin(), migrating_.end(),
-                        [&](const auto& r) { return r.first <= va && va < r.second; });
+                        [&](const InFlight& r) { return r.start <= va && va < r.end; });
   });
 }
 
@@ -338,7 +369,13 @@ Status DeviceEntries::HandleFault(MmMonitor& monitor, const CpuFault& fault) {
   //  - the same entry: returns false, the page is still on the device.
   // A fault is always resolved, never left asleep.
   auto resolve_unless_on_device = [&](const DeviceEntry* seen, DeviceEntry* out) {
-    BeginMigration(pg, pg + page_);
+    if (Status b = BeginMigration(pg, pg + page_); !b.ok()) {
+      // Cannot happen on the fault thread (it holds no migration here and opens no no-wait
+      // scope); the access is retried rather than left asleep.
+      Log().error("CPU fault at {:#x}: {}", fault.address, b.ToString());
+      monitor.Wake(pg, page_).IgnoreError();
+      return true;
+    }
     DeviceEntry now;
     bool on_device = Find(pg, &now);
     if (!on_device) {
@@ -409,7 +446,7 @@ Status DeviceEntries::RestoreExclusive(uintptr_t start, uintptr_t end) {
   MmMonitor* monitor = as_.monitor();
   for (auto& [va, e] : Collect(start, end)) {
     if (!e.exclusive) continue;
-    BeginMigration(va, va + page_);
+    HMMKIT_RETURN_IF_ERROR(BeginMigration(va, va + page_));
     DeviceEntry taken;
     if (Find(va, &taken) && taken.exclusive) {
       // The device loses its mapping first, so its last writes are in `data`.
@@ -444,3 +481,14 @@ Status DeviceEntries::EvictAll() {
 }
 
 }  // namespace hmmkit::detail
+
+namespace hmmkit {
+
+MigrationNoWaitScope::MigrationNoWaitScope() {
+  ++detail::t_no_wait_depth;
+}
+MigrationNoWaitScope::~MigrationNoWaitScope() {
+  --detail::t_no_wait_depth;
+}
+
+}  // namespace hmmkit

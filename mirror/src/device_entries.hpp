@@ -13,6 +13,7 @@
 #include <map>
 #include <set>
 #include <span>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -94,7 +95,10 @@ class DeviceEntries final : public FaultHandler {
   void MoveRange(uintptr_t from, uintptr_t to, size_t len) EXCLUDES(mu_);
 
   // ---- migrations in flight: overlapping ranges are serialized ----
-  void BeginMigration(uintptr_t start, uintptr_t end) EXCLUDES(mu_);
+  // Waits until no migration overlapping [start, end) is in flight, then records this one.
+  // EDEADLK: the calling thread has an overlapping one itself (it would wait for itself). EBUSY:
+  // another thread has one and a MigrationNoWaitScope is open on this thread. Nothing recorded.
+  [[nodiscard]] Status BeginMigration(uintptr_t start, uintptr_t end) EXCLUDES(mu_);
   void EndMigration(uintptr_t start, uintptr_t end) EXCLUDES(mu_);
   void WaitNoMigration(uintptr_t va) EXCLUDES(mu_);
 
@@ -138,7 +142,11 @@ class DeviceEntries final : public FaultHandler {
     }
   };
   std::unordered_map<PageKey, uintptr_t, PageKeyHash> reverse_ GUARDED_BY(mu_);
-  std::vector<std::pair<uintptr_t, uintptr_t>> migrating_ GUARDED_BY(mu_);
+  struct InFlight {
+    uintptr_t start, end;
+    std::thread::id owner;
+  };
+  std::vector<InFlight> migrating_ GUARDED_BY(mu_);
   std::multiset<std::pair<uintptr_t, uintptr_t>> pins_ GUARDED_BY(mu_);  // may overlap
 };
 

@@ -45,7 +45,7 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
   // Writable and present first (this also brings device-private pages back).
   HMMKIT_RETURN_IF_ERROR(as.Populate(start, end, /*write=*/true));
 
-  entries.BeginMigration(start, end);
+  HMMKIT_RETURN_IF_ERROR(entries.BeginMigration(start, end));
   Status result = Status::Ok();
   {
     NotifierTree::Scope scope(as.notifiers(),

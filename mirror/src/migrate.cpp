@@ -291,7 +291,7 @@ Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m) {
       return Status::FromErrno(
           EAGAIN, fmt::format("migrate_vma: the mapping at {:#x} changed during setup", m.start));
   }
-  st->entries->BeginMigration(m.start, m.end);
+  HMMKIT_RETURN_IF_ERROR(st->entries->BeginMigration(m.start, m.end));
   keep_sub = true;  // Finalize removes it from here on
   st->scope = std::make_unique<NotifierTree::Scope>(
       as.notifiers(), NotifierRange{m.start, m.end, InvalidateEvent::kMigrate, m.pgmap_owner});

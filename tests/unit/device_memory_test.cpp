@@ -647,6 +647,31 @@ TEST_F(DeviceMemoryEviction, HookFailureIsEnomemWithAMessage) {
   EXPECT_EQ(calls().size(), 1u) << "a failing hook ends the allocation";
 }
 
+// Pages under migration are not waited for (the hook runs in a MigrationNoWaitScope and reports
+// EBUSY or EDEADLK): the allocation goes on with the next coldest chunk instead of failing.
+TEST_F(DeviceMemoryEviction, ABusyChunkMovesTheAllocationToTheNextOne) {
+  for (const int busy : {EBUSY, EDEADLK}) {
+    SCOPED_TRACE(busy);
+    std::atomic<int> calls_seen{0};
+    hook_ = [&, busy](DeviceMemory& mem, std::span<const uint64_t> ids) {
+      if (calls_seen++ == 0) return Status::FromErrno(busy, "pages under migration");
+      held_.Evict(mem, ids);
+      return Status::Ok();
+    };
+    auto r = mem_->AllocPages(1);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(calls_seen.load(), 2);
+    held_.Add(r.value());
+    // Fill the freed chunk again so the next iteration starts from a full memory.
+    auto rest = mem_->AllocPages(15);
+    ASSERT_TRUE(rest.ok()) << rest.status().ToString();
+    held_.Add(rest.value());
+  }
+  const auto c = calls();
+  ASSERT_GE(c.size(), 4u);
+  EXPECT_NE(mem_->ChunkOf(c[0][0]), mem_->ChunkOf(c[1][0])) << "the busy chunk is not retried";
+}
+
 TEST_F(DeviceMemoryEviction, GivesUpAfterTryingEveryChunkOnce) {
   hook_ = [](DeviceMemory&, std::span<const uint64_t>) { return Status::Ok(); };  // frees nothing
   auto r = mem_->AllocPages(1);

@@ -665,6 +665,45 @@ TEST_F(MigrateTest, LongTermPinMovesCoherentPagesBack) {
   EXPECT_EQ(cpages, n);
 }
 
+// A thread never waits for its own migration: evicting a page of a range this thread is
+// migrating (an allocator's eviction run from inside that migration) fails with EDEADLK at once,
+// and the page stays where it is, intact. It once waited forever.
+TEST_F(MigrateTest, EvictionInsideItsOwnMigrationIsEdeadlkNotAHang) {
+  const size_t n = 4;
+  Mapping m(n * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
+  Fill(m, n, 70);
+  TestPagemap pm(8, PageKind::kDevicePrivate, &owner_a, as_.get());
+  ASSERT_TRUE(MigrateToDevice(*as_, pm, m.addr(), m.end()).ok());
+  std::vector<DevicePageInfo> info(1);
+  ASSERT_EQ(as_->LookupDevicePages(m.addr(), m.addr() + PageSize(), info), 1u);
+
+  std::vector<uint64_t> src(n), dst(n);
+  MigrateVma mv;
+  mv.start = m.addr();
+  mv.end = m.end();
+  mv.src = src;
+  mv.dst = dst;
+  mv.pgmap_owner = pm.owner();
+  mv.flags = kSelectSystem;
+  mv.dst_pagemap = &pm;
+  {
+    // A second migration to the device over the range: nothing to collect, but it is in flight.
+    Status setup = MigrateVmaSetup(*as_, mv);
+    ASSERT_TRUE(setup.ok()) << setup.ToString();
+  }
+  const uint64_t ids[] = {info[0].id};
+  Status st = MigrateDevicePages(*as_, pm, ids);
+  EXPECT_EQ(st.errno_value(), EDEADLK) << st.ToString();
+  EXPECT_NE(st.message().find("this thread is migrating"), std::string::npos) << st.ToString();
+  MigrateVmaFinalize(mv);  // nothing migrated by this one
+
+  EXPECT_EQ(as_->LookupDevicePages(m.addr(), m.addr() + PageSize(), info), 1u)
+      << "the page stays on the device";
+  EXPECT_TRUE(MigrateDevicePages(*as_, pm, ids).ok()) << "and moves once the migration ended";
+  EXPECT_EQ(as_->LookupDevicePages(m.addr(), m.addr() + PageSize(), info), 0u);
+  EXPECT_TRUE(Check(m.data(), n, 70));
+}
+
 TEST_F(MigrateTest, ForkGivesBothProcessesTheDeviceData) {
   if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;
   const size_t n = 8;

@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include "hmmkit/dma/cpu_engine.hpp"
+#include "hmmkit/driver/device_migration.hpp"
 #include "hmmkit/mirror/migrate.hpp"
 #include "hmmkit/mirror/mm_monitor.hpp"
 #include "hmmkit/mirror/range_fault.hpp"
@@ -103,6 +104,10 @@ class SvmManagerTest : public ::testing::Test {
   }
   static void Fill(char* p, size_t len, uint8_t seed) {
     for (size_t i = 0; i < len; i += 64) p[i] = char(seed + i / 64);
+  }
+  size_t OnDevice(const Mapping& m) {
+    std::vector<DevicePageInfo> info(m.size() / 4096);
+    return as_->LookupDevicePages(m.addr(), m.end(), info);
   }
   static bool Check(const char* p, size_t len, uint8_t seed) {
     for (size_t i = 0; i < len; i += 64)
@@ -254,6 +259,40 @@ TEST_F(SvmManagerTest, FullDeviceMemoryEvictsTheColdestChunk) {
   // And no byte was lost
   EXPECT_TRUE(Check(a.data(), a.size(), 1));
   EXPECT_TRUE(Check(b.data(), b.size(), 2));
+}
+
+// A migration to the device allocates for the pages it collected; when memory is full, the
+// allocator evicts the coldest chunk, which may hold pages of the very range this thread is
+// migrating (already on the device, so not collected). Evicting them means migrating inside our
+// own migration: it once waited for itself forever (a hang in the stress's device sweep, where a
+// fault's range grows over pages already on the device). Such pages are left; another chunk goes.
+TEST_F(SvmManagerTest, EvictionInsideAMigrationLeavesItsOwnPagesAndEvictsAnotherChunk) {
+  MakeDevice(4 * kMiB, /*evict=*/true);  // two chunks
+  Mapping a = Mapping::AlignedAnon(4 * kMiB, 2 * kMiB);
+  Mapping b = Mapping::AlignedAnon(2 * kMiB, 2 * kMiB);
+  Fill(a.data(), a.size(), 3);
+  Fill(b.data(), b.size(), 4);
+  const uintptr_t half = a.addr() + 2 * kMiB;
+  // a's first half in the older chunk, b in the newer one; a's second half in system memory.
+  auto first = driver::MigrateToDevice(*as_, *mem_, *dma_, a.addr(), a.end());
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  ASSERT_EQ(first->migrated, 1024u);
+  auto back = driver::MigrateToSystem(*as_, *mem_, *dma_, half, a.end());
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  auto bdev = driver::MigrateToDevice(*as_, *mem_, *dma_, b.addr(), b.end());
+  ASSERT_TRUE(bdev.ok()) << bdev.status().ToString();
+  ASSERT_EQ(mem_->stats().pages_in_use, 1024u);
+
+  // All of a: 512 pages to allocate, and the coldest chunk holds a's own first half.
+  auto all = driver::MigrateToDevice(*as_, *mem_, *dma_, a.addr(), a.end());
+  ASSERT_TRUE(all.ok()) << all.status().ToString();
+  EXPECT_EQ(all->migrated, 512u);
+  EXPECT_GE(mem_->stats().evict_failures, 1u) << "the chunk under migration was refused";
+  EXPECT_EQ(mem_->stats().pages_in_use, 1024u) << "a on the device, b evicted";
+  EXPECT_EQ(OnDevice(a), 1024u);
+  EXPECT_EQ(OnDevice(b), 0u);
+  EXPECT_TRUE(Check(b.data(), b.size(), 4));
+  EXPECT_TRUE(Check(a.data(), a.size(), 3));
 }
 
 TEST_F(SvmManagerTest, FullDeviceMemoryWithoutEvictionMapsRemotely) {

@@ -107,8 +107,12 @@ class DeviceMemory final : public DevicePagemap {
   /// AllocPages/AllocChunk could not be satisfied, or the thread running Shutdown/the destructor;
   /// no DeviceMemory lock is held; may block; may be called concurrently for different chunks;
   /// must not allocate from this DeviceMemory. While it runs, none of the ids is handed to a new
-  /// owner. Returns OK when done (pages that stay referenced elsewhere are simply not freed), or an
-  /// error, which fails the allocation with ENOMEM.
+  /// owner. From an allocation it runs in a MigrationNoWaitScope (mirror/migrate.hpp): the
+  /// allocating thread may be inside a migration of some of the pages, and another thread's
+  /// migration may wait for this eviction, so migrations in flight are not waited for. Returns OK
+  /// when done (pages that stay referenced elsewhere are simply not freed); EBUSY or EDEADLK
+  /// (pages under migration left in place), after which the allocation evicts another chunk; or
+  /// another error, which fails the allocation with ENOMEM.
   using EvictFn = std::function<Status(DeviceMemory& mem, std::span<const uint64_t> ids)>;
 
   struct Options {

@@ -25,8 +25,11 @@
 /// migration are skipped, never lost. Huge pages are migrated as 4 KiB pages (kCompound is not
 /// produced yet; see docs/migration.md).
 ///
-/// Concurrency: migrations of overlapping ranges are serialized (the second waits in Setup). A CPU
-/// write to a page being migrated blocks until Finalize, then faults the page back if it moved.
+/// Concurrency: migrations of overlapping ranges are serialized (the second waits in Setup, unless
+/// a MigrationNoWaitScope is open on its thread: then EBUSY). A thread never waits for its own
+/// migration: a Setup overlapping a migration the calling thread has in flight (an eviction run
+/// from inside a migration of the range, through the device memory allocator) fails with EDEADLK. A
+/// CPU write to a page being migrated blocks until Finalize, then faults the page back if it moved.
 /// CPU reads see the old page until it is zapped. Setup must not be called from an Invalidate
 /// callback or with a driver lock held that such a callback takes.
 #pragma once
@@ -41,6 +44,20 @@
 #include "hmmkit/mirror/device_pages.hpp"
 
 namespace hmmkit {
+
+/// While one is open on a thread, the migrations that thread starts fail with EBUSY instead of
+/// waiting for an overlapping migration of another thread (the kernel's evictions trylock pages
+/// for the same reason). DeviceMemory opens one around the eviction hook it runs when an
+/// allocation finds no free page: the allocating thread may be inside a migration whose pages the
+/// eviction picked, and the other migration may be waiting for that very eviction to end. The
+/// allocator then evicts another chunk. Nests; per thread.
+class MigrationNoWaitScope {
+ public:
+  MigrationNoWaitScope();
+  ~MigrationNoWaitScope();
+  MigrationNoWaitScope(const MigrationNoWaitScope&) = delete;
+  MigrationNoWaitScope& operator=(const MigrationNoWaitScope&) = delete;
+};
 
 /// Entry layout of MigrateVma::src/dst (the kernel's migrate_pfn bits).
 namespace migrate_pfn {
@@ -95,8 +112,9 @@ struct MigrateVma {
 /// Collects the pages. Errors: EINVAL (unaligned, empty, spans more than one VMA, no VMA, no select
 /// flag, missing pagemap, entries too short), ENOTSUP (no userfaultfd monitor: migration needs it),
 /// registration errors, EAGAIN (to a device: the VMA was replaced by another mapping while the
-/// range was being registered; look again and retry). After an error nothing was changed and
-/// Finalize need not be called.
+/// range was being registered; look again and retry), EDEADLK (the calling thread is migrating an
+/// overlapping range itself), EBUSY (another thread is, and a MigrationNoWaitScope is open). After
+/// an error nothing was changed and Finalize need not be called.
 Status MigrateVmaSetup(AddressSpace& as, MigrateVma& m);
 
 /// For device->system migrations: points dst[i] at a fresh system staging page for every collected
