@@ -56,18 +56,18 @@ void PrintProcView() {
 // waits in), and frames in code outside the system's libraries (ours). Keeps a report of a dozen
 // threads readable in a CI log.
 bool Keep(const std::string& line) {
-  if (line.rfind("Thread ", 0) == 0) return true;
-  if (line.rfind("#", 0) != 0) return false;
-  if (line.rfind("#0 ", 0) == 0) return true;
+  if (line.starts_with("Thread ")) return true;
+  if (!line.starts_with('#')) return false;
+  if (line.starts_with("#0 ")) return true;
   const size_t at = line.rfind(" at ");
   if (at == std::string::npos) return false;
   const std::string file = line.substr(at + 4);
-  return file.rfind("/usr/", 0) != 0 && file.rfind("./", 0) != 0 && file.rfind("../", 0) != 0;
+  return !file.starts_with("/usr/") && !file.starts_with("./") && !file.starts_with("../");
 }
 
 // "#5  0x... in NAME (args...) at FILE:LINE" -> "#5  NAME at FILE:LINE", the name cut to 100.
 std::string Compact(const std::string& line) {
-  if (line.rfind("#", 0) != 0) return line;
+  if (!line.starts_with('#')) return line;
   const size_t number_end = line.find(' ');
   size_t name = line.find_first_not_of(' ', number_end);
   if (const size_t in = line.find(" in ", name);
