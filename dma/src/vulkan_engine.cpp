@@ -134,8 +134,8 @@ Status VulkanDmaEngine::Init() {
 
   try {
     completion_ = std::thread([this] {
-      InternalThreadScope internal(
-          "hmmkit-vk-done");  // a migration never takes this thread's stack
+      // A migration never takes this thread's stack.
+      InternalThreadScope internal("hmmkit-vk-done");
       CompletionLoop();
     });
   } catch (const std::system_error& e) {

@@ -5,9 +5,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
-#include <chrono>
-#include <thread>
 #include <vector>
 
 #include "device_entries.hpp"
@@ -32,57 +29,29 @@ Registry& Reg() {
 std::shared_mutex* g_fork_lock = new std::shared_mutex;
 bool g_fork_locked = false;  // only touched by the forking thread between prepare and parent/child
 
-// How long prepare retries evictions the kernel refuses with EAGAIN: UFFDIO_COPY fails while the
-// mm is changing (an unmap, remove or remap event the monitor has not read yet, e.g. a migration's
-// zap on another thread). The monitor reads it within microseconds on an idle machine; under load
-// its reader may wait for a CPU. Other errors get kMaxAttempts tries.
-constexpr auto kEagainFor = std::chrono::seconds(5);
-constexpr int kMaxAttempts = 4;
-
-// Moves every device page of this process's AddressSpaces back; *again when some eviction was
-// refused with EAGAIN. A failure is an error in the log only when no retry follows for it
-// (`eagain_last` for EAGAIN, `other_last` for the rest); until then it is a debug line.
-void EvictEverySpace(const std::vector<AddressSpace*>& spaces, pid_t self, bool eagain_last,
-                     bool other_last, bool* again) {
-  for (AddressSpace* as : spaces) {
-    if (as->creator_pid() != self || !as->has_device_pages()) continue;
-    Status st = as->device_entries().EvictAll();
-    if (st.ok()) continue;
-    const bool eagain = st.errno_value() == EAGAIN;
-    if (eagain) *again = true;
-    Log().log((eagain ? eagain_last : other_last) ? spdlog::level::err : spdlog::level::debug,
-              "fork: device pages not evicted: {}", st.ToString());
-  }
-}
-
 void Prepare() NO_THREAD_SAFETY_ANALYSIS {
   Registry& r = Reg();
   r.mu.lock();  // released in Parent/Child: keeps every AddressSpace alive across the fork
   const pid_t self = ::getpid();
-  const auto eagain_deadline = std::chrono::steady_clock::now() + kEagainFor;
-  int attempts = 0;  // those that failed for another reason than EAGAIN
-  for (;;) {
-    bool again = false;
-    const bool out_of_time = std::chrono::steady_clock::now() >= eagain_deadline;
-    EvictEverySpace(r.spaces, self, out_of_time, out_of_time || attempts + 1 >= kMaxAttempts,
-                    &again);
-    // Migrations are held off from here; a page that arrived since is moved back next round.
+  // Four rounds: pages another thread migrates meanwhile are moved back in the next. A refusal
+  // while the mm is changing (EAGAIN) is retried inside the eviction (MigrateDevicePages).
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    for (AddressSpace* as : r.spaces) {
+      if (as->creator_pid() != self || !as->has_device_pages()) continue;
+      Status st = as->device_entries().EvictAll();
+      if (!st.ok()) Log().error("fork: device pages not evicted: {}", st.ToString());
+    }
     g_fork_lock->lock();
     const bool clean = std::none_of(r.spaces.begin(), r.spaces.end(), [&](AddressSpace* as) {
       return as->creator_pid() == self && as->has_device_pages();
     });
-    if (!again) ++attempts;
-    if (clean || out_of_time || attempts >= kMaxAttempts) {
+    if (clean || attempt == 3) {
       if (!clean)
-        Log().error(
-            "fork: device pages keep arriving or cannot move; the child reads zeros where "
-            "they are");
+        Log().error("fork: device pages keep arriving; the child reads zeros where they are");
       g_fork_locked = true;
       return;
     }
     g_fork_lock->unlock();
-    // EAGAIN: let the monitor's reader take the pending event (the kernel refuses until then).
-    if (again) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <unistd.h>
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -731,8 +732,16 @@ static bool DropIfOrphan(AddressSpace& as, DevicePagemap& pm, uintptr_t va, uint
   return true;
 }
 
+// How long eviction retries a run the kernel refuses with EAGAIN: UFFDIO_COPY fails while the mm
+// is changing (an unmap, remove or remap event the monitor's reader has not read yet, such as
+// another thread's zap). The reader takes it within microseconds on an idle machine; under load it
+// may wait for a CPU. Pages that landed stay landed; the next try selects only the rest.
+constexpr auto kEvictAgainFor = std::chrono::seconds(5);
+constexpr auto kEvictAgainPause = std::chrono::microseconds(200);
+
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids) {
   const size_t page = as.features().page_size;
+  const auto again_deadline = std::chrono::steady_clock::now() + kEvictAgainFor;
   std::vector<std::pair<uintptr_t, uint64_t>> pages;  // address, id
   pages.reserve(ids.size());
   for (uint64_t id : ids)
@@ -752,7 +761,12 @@ Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const u
     while (j < pages.size() && pages[j].first == pages[j - 1].first + page &&
            pages[j].first < limit)
       ++j;
-    Status st = MigrateRangeToRam(as, pm, va, pages[j - 1].first + page);
+    const uintptr_t end = pages[j - 1].first + page;
+    Status st = MigrateRangeToRam(as, pm, va, end);
+    while (st.errno_value() == EAGAIN && std::chrono::steady_clock::now() < again_deadline) {
+      std::this_thread::sleep_for(kEvictAgainPause);
+      st = MigrateRangeToRam(as, pm, va, end);
+    }
     if (!st.ok() && first.ok()) first = st;
     i = j;
   }

@@ -201,7 +201,7 @@ TEST_F(InjectedFailureTest, CpuFaultBackRetriesTransientCopyFailures) {
 
 // fork's prepare handler moves every device page back so that the child gets the data. While the
 // mm is changing (an event the monitor has not read yet: a concurrent munmap, a migration's zap)
-// the kernel refuses UFFDIO_COPY with EAGAIN; the handler must retry until the copies land, not
+// the kernel refuses UFFDIO_COPY with EAGAIN; the eviction must retry until the copies land, not
 // give up after a few tries and let the child read zeros (seen in the stress run, under load).
 TEST_F(InjectedFailureTest, ForkRetriesEvictionsTheKernelRefusesWhileTheMmChanges) {
   if (const char* why = ForkWithMonitorUnavailableReason()) GTEST_SKIP() << why;

@@ -310,8 +310,8 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
     std::vector<std::thread> threads;
     auto start_unit = [&](unsigned cu) {
       threads.emplace_back([&, cu] {
-        InternalThreadScope internal(
-            "hmmkit-cu");  // a migration never takes a compute unit's stack
+        // A migration never takes a compute unit's stack.
+        InternalThreadScope internal("hmmkit-cu");
         EmuKernelContext& k = *ctx[cu];
         t_unit = &k;
         for (;;) {

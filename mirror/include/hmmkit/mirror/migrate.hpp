@@ -138,7 +138,8 @@ void MigrateVmaFinalize(MigrateVma& m);
 /// and with no change still queued over it (ChangePending: on the event thread Sync cannot wait
 /// for those) outlived its mapping: notifiers get the kUnmap invalidation it missed, then the
 /// entry is dropped and its reference put (PutPage), with a warning. If the monitor cannot tell
-/// (messages kept arriving for 100 ms) the entry is kept and counts as a failure. Data is copied
+/// (messages kept arriving for 100 ms) the entry is kept and counts as a failure. A run refused
+/// with EAGAIN (the mm is changing) is retried, 200 µs apart, for up to 5 s. Data is copied
 /// with pm.CopyToRam. Context: any thread but the monitor's fault thread, no driver lock that an
 /// Invalidate callback takes. Errors: the first failure; pages already moved stay moved.
 Status MigrateDevicePages(AddressSpace& as, DevicePagemap& pm, std::span<const uint64_t> ids);
