@@ -33,6 +33,11 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
   // mapping's range as registered, and a new mapping at the same address would not be registered
   // (UFFDIO_WRITEPROTECT then fails with ENOENT). Let pending events land first, as migrations do.
   if (monitor->pending_changes() != 0) monitor->Sync();
+  // Device-coherent pages are mapped from their device's shared arena: the VMA over them is
+  // MAP_SHARED until they come back. Bring every device page of the range back first (the kernel
+  // takes a coherent page exclusive in place; here its data moves to system memory, intact).
+  for (auto& [va, e] : as.device_entries().Collect(start, end))
+    if (!e.exclusive && e.pagemap) HMMKIT_RETURN_IF_ERROR(e.pagemap->MigrateToRam(as, va));
   auto vma = as.FindVma(start);
   if (!vma.ok()) return vma.status();
   if (!*vma || (*vma)->end < end || !(*vma)->migratable())

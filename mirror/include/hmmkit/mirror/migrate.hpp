@@ -154,11 +154,12 @@ Status MigrateAllToRam(AddressSpace& as, DevicePagemap& pm);
 Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr);
 
 /// make_device_exclusive: takes [start, end) out of the CPU's reach for device `owner` (device
-/// atomics). Each page is faulted in writable, a kExclusive invalidation with `owner` is raised,
-/// and its bytes move to hmmkit-owned memory; data[i] receives where page i now lives (the device
-/// maps that). A CPU access raises a kExclusive invalidation with owner nullptr (the device must
-/// drop its mapping), then restores the page. Errors: EFAULT/EPERM as range_fault with a write
-/// fault, EINVAL, ENOTSUP (no monitor).
+/// atomics). Device pages in the range come back to system memory first (device-coherent ones
+/// too, which the kernel would take exclusive in place). Each page is faulted in writable, a
+/// kExclusive invalidation with `owner` is raised, and its bytes move to hmmkit-owned memory;
+/// data[i] receives where page i now lives (the device maps that). A CPU access raises a kExclusive
+/// invalidation with owner nullptr (the device must drop its mapping), then restores the page.
+/// Errors: EFAULT/EPERM as range_fault with a write fault, EINVAL, ENOTSUP (no monitor).
 Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, const void* owner,
                            std::span<void*> data);
 
