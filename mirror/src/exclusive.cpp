@@ -38,12 +38,23 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
   // takes a coherent page exclusive in place; here its data moves to system memory, intact).
   for (auto& [va, e] : as.device_entries().Collect(start, end))
     if (!e.exclusive && e.pagemap) HMMKIT_RETURN_IF_ERROR(e.pagemap->MigrateToRam(as, va));
-  auto vma = as.FindVma(start);
-  if (!vma.ok()) return vma.status();
-  if (!*vma || (*vma)->end < end || !(*vma)->migratable())
-    return Status::FromErrno(EINVAL,
-                             "make_device_exclusive: the range must lie in one private "
-                             "anonymous VMA");
+  // Private anonymous memory without holes. Not necessarily one VMA: coherent pages that came
+  // back in separate runs (fault windows, arena offsets that were not consecutive) each land in a
+  // VMA of their own, which the kernel does not merge (their anon_vmas differ).
+  auto vmas = as.FindVmas(start, end);
+  if (!vmas.ok()) return vmas.status();
+  uintptr_t covered = start;
+  for (const Vma& v : *vmas) {
+    if (v.start > covered) break;
+    if (!v.migratable())
+      return Status::FromErrno(
+          EINVAL, fmt::format("make_device_exclusive: {:#x}-{:#x} is not private anonymous memory",
+                              v.start, v.end));
+    covered = v.end;
+  }
+  if (covered < end)
+    return Status::FromErrno(
+        EINVAL, fmt::format("make_device_exclusive: nothing is mapped at {:#x}", covered));
   detail::DeviceEntries& entries = as.device_entries();
   std::shared_lock<std::shared_mutex> fork_lock(ForkMigrationLock());
   HMMKIT_RETURN_IF_ERROR(entries.EnsureRouted(start, end));

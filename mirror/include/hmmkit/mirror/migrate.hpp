@@ -159,7 +159,9 @@ Status MigrateToRamWindow(AddressSpace& as, DevicePagemap& pm, uintptr_t addr);
 /// kExclusive invalidation with `owner` is raised, and its bytes move to hmmkit-owned memory;
 /// data[i] receives where page i now lives (the device maps that). A CPU access raises a kExclusive
 /// invalidation with owner nullptr (the device must drop its mapping), then restores the page.
-/// Errors: EFAULT/EPERM as range_fault with a write fault, EINVAL, ENOTSUP (no monitor).
+/// The range may span several VMAs. Errors: EFAULT/EPERM as range_fault with a write fault,
+/// EINVAL (bad range, `data` too short, or part of the range is a hole or not private anonymous
+/// memory: the message names where), ENOTSUP (no monitor).
 Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, const void* owner,
                            std::span<void*> data);
 
