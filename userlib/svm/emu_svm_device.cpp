@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <deque>
 #include <optional>
@@ -622,9 +623,18 @@ class EmuSvmDevice final : public Device, public driver::SvmDeviceOps {
   Mutex launch_mu_;
 };
 
+// When a replayed access gives up: after at least kFaultRounds faults and kFaultPersistFor since
+// the first. A fault that was served can be undone before the replay (a CPU touch takes the page
+// back, eviction makes room for another compute unit): on a loaded machine with device memory
+// smaller than the working set that happens many times in a row, so a round count alone failed
+// healthy stress runs. Both bounds together still end a driver that never maps the page.
+constexpr int kFaultRounds = 64;
+constexpr auto kFaultPersistFor = std::chrono::seconds(2);
+
 // Translates under the guard (taking it if needed) and installs the page in a line; on a miss,
 // releases the guard, raises a fault, waits for it and replays. -1 after a failure (recorded).
 int EmuKernelContext::Fill(uintptr_t va, emu::Access access) {
+  std::chrono::steady_clock::time_point first_fault;
   for (int round = 0;; ++round) {
     if (!guard_) guard_.emplace(dev_.mmu_.BeginAccess(compute_unit()));
     Result<emu::Translation> t = guard_->Translate(va, access);
@@ -651,10 +661,15 @@ int EmuKernelContext::Fill(uintptr_t va, emu::Access access) {
       return -1;
     }
     Release();  // before waiting: the driver's Map waits for every guard
-    if (round == 64) {
+    const auto now = std::chrono::steady_clock::now();
+    if (round == 0) first_fault = now;
+    if (round >= kFaultRounds && now - first_fault >= kFaultPersistFor) {
       Fail(Status::FromErrno(
-          EIO, fmt::format("device {} at {:#x} kept faulting",
-                           access == emu::Access::kAtomic ? "atomic" : "access", va)));
+          EIO,
+          fmt::format(
+              "device {} at {:#x} kept faulting ({} faults in {} ms)",
+              access == emu::Access::kAtomic ? "atomic" : "access", va, round,
+              std::chrono::duration_cast<std::chrono::milliseconds>(now - first_fault).count())));
       return -1;
     }
     Status st = dev_.faults_.RaiseAndWait({.va = va, .access = access, .cu = compute_unit()});
