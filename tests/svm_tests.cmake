@@ -14,10 +14,18 @@ add_test(NAME svm.c_api COMMAND svm_c_test)
 set_tests_properties(svm.c_api PROPERTIES TIMEOUT 120)
 
 # Each sample checks its own result and exits non-zero when it is wrong (small sizes for CI).
-add_test(NAME sample.vector_add COMMAND vector_add 262144)
-add_test(NAME sample.linked_list COMMAND linked_list 16 500)
-add_test(NAME sample.tree_walk COMMAND tree_walk 4000 4000)
-add_test(NAME sample.stencil COMMAND stencil 65536 4)
-add_test(NAME sample.oversubscribe COMMAND oversubscribe 8 3)
+# hang-report.sh gives up before ctest's timeout and prints every thread's wait channel and
+# backtrace, so a rare hang in CI can be diagnosed from the log.
+set(_hang_report bash ${CMAKE_CURRENT_SOURCE_DIR}/support/hang-report.sh 150)
+add_test(NAME sample.vector_add COMMAND ${_hang_report} $<TARGET_FILE:vector_add> 262144)
+add_test(NAME sample.linked_list COMMAND ${_hang_report} $<TARGET_FILE:linked_list> 16 500)
+add_test(NAME sample.tree_walk COMMAND ${_hang_report} $<TARGET_FILE:tree_walk> 4000 4000)
+add_test(NAME sample.stencil COMMAND ${_hang_report} $<TARGET_FILE:stencil> 65536 4)
+add_test(NAME sample.oversubscribe COMMAND ${_hang_report} $<TARGET_FILE:oversubscribe> 8 3)
 set_tests_properties(sample.vector_add sample.linked_list sample.tree_walk sample.stencil
   sample.oversubscribe PROPERTIES TIMEOUT 180)
+# The wrapper itself: a program that does not return is reported, with its threads, then killed.
+add_test(NAME sample.hang_report_detects COMMAND bash
+  ${CMAKE_CURRENT_SOURCE_DIR}/support/hang-report.sh 1 sleep 60)
+set_tests_properties(sample.hang_report_detects PROPERTIES TIMEOUT 90
+  PASS_REGULAR_EXPRESSION "sleep still running after 1 s: a hang.*threads \\(/proc/[0-9]+/task.* sleep .*(backtraces \\(gdb|no gdb on PATH)")
