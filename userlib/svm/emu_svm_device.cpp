@@ -667,9 +667,10 @@ int EmuKernelContext::Fill(uintptr_t va, emu::Access access) {
       Fail(Status::FromErrno(
           EIO,
           fmt::format(
-              "device {} at {:#x} kept faulting ({} faults in {} ms)",
-              access == emu::Access::kAtomic ? "atomic" : "access", va, round,
-              std::chrono::duration_cast<std::chrono::milliseconds>(now - first_fault).count())));
+              "device {} access at {:#x} kept faulting ({} faults in {} ms, the last one {}: {})",
+              emu::ToString(access), va, round,
+              std::chrono::duration_cast<std::chrono::milliseconds>(now - first_fault).count(),
+              t.errno_value() == EPERM ? "EPERM" : "EFAULT", t.status().message())));
       return -1;
     }
     Status st = dev_.faults_.RaiseAndWait({.va = va, .access = access, .cu = compute_unit()});
