@@ -11,8 +11,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include "hmmkit/base/fault_injection.hpp"
 #include "hmmkit/base/internal_memory.hpp"
@@ -818,13 +821,43 @@ Status MmMonitor::ZeroPage(uintptr_t dst, size_t len) {
   return Status::Ok();
 }
 
-Status MmMonitor::WriteProtect(uintptr_t start, size_t len, bool protect) {
+namespace {
+
+int WriteProtectCall(Sys& sys, int uffd, uintptr_t start, size_t len, bool protect) {
   uffdio_writeprotect w{};
   w.range.start = start;
   w.range.len = len;
   w.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
-  if (uffd::IoctlRetry(as_.sys(), uffd_, UFFDIO_WRITEPROTECT, &w) != 0)
-    return Status::FromErrno(errno, "UFFDIO_WRITEPROTECT");
+  return uffd::IoctlRetry(sys, uffd, UFFDIO_WRITEPROTECT, &w) != 0 ? errno : 0;
+}
+
+}  // namespace
+
+Status MmMonitor::WriteProtect(uintptr_t start, size_t len, bool protect) {
+  const int err = WriteProtectCall(as_.sys(), uffd_, start, len, protect);
+  if (err == 0) return Status::Ok();
+  if (err != ENOENT) return Status::FromErrno(err, "UFFDIO_WRITEPROTECT");
+  // Older kernels (Debian 12's 6.1) take a range inside one VMA only (ENOENT otherwise, even when
+  // every VMA is registered): do it one VMA at a time. Costs a VMA query on that path only.
+  auto vmas = as_.FindVmas(start, start + len);
+  if (!vmas.ok() || vmas->size() < 2) return Status::FromErrno(ENOENT, "UFFDIO_WRITEPROTECT");
+  static std::once_flag logged;
+  std::call_once(logged, [] {
+    Log().info(
+        "monitor: UFFDIO_WRITEPROTECT takes one VMA per call on this kernel: ranges over "
+        "several VMAs are protected one VMA at a time");
+  });
+  uintptr_t at = start;
+  for (const Vma& v : *vmas) {
+    if (v.start > at) break;  // a hole
+    const uintptr_t to = std::min<uintptr_t>(v.end, start + len);
+    if (const int e = WriteProtectCall(as_.sys(), uffd_, at, to - at, protect); e != 0)
+      return Status::FromErrno(e, fmt::format("UFFDIO_WRITEPROTECT {:#x}-{:#x}", at, to));
+    at = to;
+  }
+  if (at < start + len)
+    return Status::FromErrno(ENOENT,
+                             fmt::format("UFFDIO_WRITEPROTECT: nothing mapped at {:#x}", at));
   return Status::Ok();
 }
 

@@ -179,6 +179,10 @@ class MmMonitor {
   Status Copy(uintptr_t dst, const void* src, size_t len, bool write_protect = false,
               bool wake = true, size_t* copied = nullptr);
   Status ZeroPage(uintptr_t dst, size_t len);
+  /// Write-protects (or unprotects) [start, start + len), which may span several VMAs, each
+  /// registered in write-protect mode. Kernels that take one VMA per call (Debian 12's 6.1 refuses
+  /// more with ENOENT) are served VMA by VMA. Errors: ENOENT (a hole, or a VMA not registered),
+  /// and the ioctl's own.
   Status WriteProtect(uintptr_t start, size_t len, bool protect);
   Status Wake(uintptr_t start, size_t len);
   Status Move(uintptr_t dst, uintptr_t src, size_t len);  ///< ENOTSUP without UFFDIO_MOVE
