@@ -36,8 +36,13 @@ Status MakeDeviceExclusive(AddressSpace& as, uintptr_t start, uintptr_t end, con
   // Device-coherent pages are mapped from their device's shared arena: the VMA over them is
   // MAP_SHARED until they come back. Bring every device page of the range back first (the kernel
   // takes a coherent page exclusive in place; here its data moves to system memory, intact).
-  for (auto& [va, e] : as.device_entries().Collect(start, end))
-    if (!e.exclusive && e.pagemap) HMMKIT_RETURN_IF_ERROR(e.pagemap->MigrateToRam(as, va));
+  // One call per fault window: an entry an earlier call already brought back is skipped.
+  for (const auto& seen : as.device_entries().Collect(start, end)) {
+    const uintptr_t va = seen.first;
+    detail::DeviceEntry now;
+    if (!as.device_entries().Find(va, &now) || now.exclusive || !now.pagemap) continue;
+    HMMKIT_RETURN_IF_ERROR(now.pagemap->MigrateToRam(as, va));
+  }
   // Private anonymous memory without holes. Not necessarily one VMA: coherent pages that came
   // back in separate runs (fault windows, arena offsets that were not consecutive) each land in a
   // VMA of their own, which the kernel does not merge (their anon_vmas differ).
