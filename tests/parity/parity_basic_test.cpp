@@ -291,7 +291,7 @@ TEST_P(DmirrorParity, SnapshotOfSevenPageMix) {
   //   6: migrated to the other device of the same kind
   Buffer b = Buffer::BelowFreeGap(7);
   ASSERT_TRUE(b.mapped());
-  ASSERT_EQ(munmap(b.page(0), PageSize()), 0);
+  ASSERT_EQ(b.UnmapPart(b.page(0), PageSize()), 0);
   ASSERT_EQ(*reinterpret_cast<volatile int*>(b.page(2)), 0);
   *reinterpret_cast<int*>(b.page(3)) = 3;
   ASSERT_EQ(mprotect(b.page(3), PageSize(), PROT_READ), 0);
@@ -394,7 +394,7 @@ TEST_P(DmirrorParity, ConcurrentMunmapDuringRead) {
     std::atomic<bool> reading{false}, unmapped{false};
     std::thread unmapper([&] {
       while (!reading.load()) std::this_thread::yield();
-      munmap(b.page(n / 2), b.size() / 2);
+      b.UnmapPart(b.page(n / 2), b.size() / 2);
       unmapped.store(true);
     });
     bool done = false;

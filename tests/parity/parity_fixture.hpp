@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include "hmmkit/dmirror.h"
+#include "test_support.hpp"
 
 namespace hmmkit::parity {
 
@@ -104,8 +105,8 @@ template <class F>
 }
 
 // An mmap'ed test buffer and its bounce buffer (test_hmm's "mirror": what the device copies to and
-// from; for SNAPSHOT one byte per page). Owned by the test; unmapped on destruction (munmap of
-// parts the test already unmapped is harmless). Move-only.
+// from; for SNAPSHOT one byte per page). Owned by the test; unmapped on destruction, except the
+// parts the test unmapped with UnmapPart. Move-only.
 class Buffer {
  public:
   // `npages` pages: mmap(nullptr, npages pages, prot, flags, fd, 0). A failed mmap leaves the
@@ -143,7 +144,12 @@ class Buffer {
   // Fill the bounce buffer with the byte `b` (0xFF: "not written by the device").
   void ClearBounce(uint8_t b);
 
-  // munmap now.
+  // munmap [p, p + len), a part of the buffer, and leave it alone from then on: another mapping
+  // (the monitor's own message slab, say) may take the freed range, and the destructor must not
+  // unmap it. Returns munmap's result. Any thread (one at a time).
+  int UnmapPart(void* p, size_t len) { return holes_.Punch(p, len); }
+
+  // munmap now (what is still the buffer's).
   void Unmap();
 
  private:
@@ -152,6 +158,7 @@ class Buffer {
   size_t len_ = 0;
   int map_errno_ = 0;
   std::vector<int> bounce_;
+  test::PunchedHoles holes_;
 };
 
 // An unlinked regular file of `len` bytes in `dir` (O_TMPFILE, else mkstemp + unlink); closed on

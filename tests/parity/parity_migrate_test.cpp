@@ -184,7 +184,7 @@ TEST_P(DmirrorParity, MigrateMixedRangesAndAnotherDevicesPage) {
   // Then a range without read permission does not migrate: EINVAL
   EXPECT_EQ(migrate(other.get(), 0, 6), EINVAL) << "PROT_NONE";
   // Then a range with a hole (page 1 unmapped) does not migrate: EINVAL
-  ASSERT_EQ(munmap(b.page(1), PageSize()), 0);
+  ASSERT_EQ(b.UnmapPart(b.page(1), PageSize()), 0);
   EXPECT_EQ(migrate(other.get(), 0, 3), EINVAL) << "hole";
   // Given page 2 the zero page (read-only), page 3 read-only data, pages 4-5 read-write data
   ASSERT_EQ(mprotect(b.page(2), PageSize(), PROT_READ), 0);
@@ -388,7 +388,7 @@ TEST_P(DmirrorParity, PartialMunmapOfMigratedThpThenCpuReadsTheRest) {
       ASSERT_EQ(cmd.cpages, n);
       ASSERT_TRUE(IntsAre(b.bounce_ints(), b.nints(), Seq));
       // When half of it is unmapped
-      ASSERT_EQ(munmap(b.data() + offset, size / 2), 0);
+      ASSERT_EQ(b.UnmapPart(b.data() + offset, size / 2), 0);
       // Then the CPU reads the rest with its data
       const size_t lo = offset / sizeof(int), hi = (offset + size / 2) / sizeof(int);
       EXPECT_TRUE(IntsAre(b.ints(), lo, Seq)) << "before the hole";

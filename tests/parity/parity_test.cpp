@@ -163,7 +163,11 @@ Buffer Buffer::BelowFreeGap(size_t npages, int prot) {
 }
 
 Buffer::Buffer(Buffer&& o) noexcept
-    : ptr_(o.ptr_), len_(o.len_), map_errno_(o.map_errno_), bounce_(std::move(o.bounce_)) {
+    : ptr_(o.ptr_),
+      len_(o.len_),
+      map_errno_(o.map_errno_),
+      bounce_(std::move(o.bounce_)),
+      holes_(std::move(o.holes_)) {
   o.ptr_ = nullptr;
   o.len_ = 0;
 }
@@ -175,6 +179,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
     len_ = o.len_;
     map_errno_ = o.map_errno_;
     bounce_ = std::move(o.bounce_);
+    holes_ = std::move(o.holes_);
     o.ptr_ = nullptr;
     o.len_ = 0;
   }
@@ -191,7 +196,7 @@ void Buffer::ClearBounce(uint8_t b) {
 }
 
 void Buffer::Unmap() {
-  if (ptr_) munmap(ptr_, len_);
+  if (ptr_) holes_.UnmapRest(ptr_, len_);
   ptr_ = nullptr;
   len_ = 0;
 }
@@ -356,7 +361,7 @@ TEST_P(DmirrorParity, ReadOfUnmappedPageIsEfault) {
   Buffer b = Buffer::BelowFreeGap(4);
   ASSERT_TRUE(b.mapped());
   FillInts(b.ints(), b.nints(), Seq);
-  ASSERT_EQ(munmap(b.page(2), PageSize()), 0);
+  ASSERT_EQ(b.UnmapPart(b.page(2), PageSize()), 0);
   // When the device reads across the hole
   // Then the read fails with EFAULT
   EXPECT_EQ(Run(kRead, b), EFAULT);

@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -54,8 +55,26 @@ Mapping Mapping::TmpFile(size_t len, const char* dir, int flags) {
   return m;
 }
 
+int PunchedHoles::Punch(void* p, size_t len) {
+  const int rc = munmap(p, len);
+  if (rc == 0) holes_.emplace_back(static_cast<char*>(p), len);
+  return rc;
+}
+
+void PunchedHoles::UnmapRest(void* start, size_t len) {
+  std::sort(holes_.begin(), holes_.end());
+  char* at = static_cast<char*>(start);
+  char* const end = at + len;
+  for (const auto& [hole, hole_len] : holes_) {
+    if (hole > at) munmap(at, size_t(std::min(hole, end) - at));
+    at = std::max(at, hole + hole_len);
+  }
+  if (at < end) munmap(at, size_t(end - at));
+  holes_.clear();
+}
+
 void Mapping::Unmap() {
-  if (addr_) munmap(addr_, len_);
+  if (addr_) holes_.UnmapRest(addr_, len_);
   addr_ = nullptr;
   len_ = 0;
 }
@@ -65,7 +84,8 @@ Mapping::~Mapping() {
   if (fd_ >= 0) close(fd_);
 }
 
-Mapping::Mapping(Mapping&& o) noexcept : addr_(o.addr_), len_(o.len_), fd_(o.fd_) {
+Mapping::Mapping(Mapping&& o) noexcept
+    : addr_(o.addr_), len_(o.len_), fd_(o.fd_), holes_(std::move(o.holes_)) {
   o.addr_ = nullptr;
   o.len_ = 0;
   o.fd_ = -1;
@@ -78,6 +98,7 @@ Mapping& Mapping::operator=(Mapping&& o) noexcept {
     addr_ = o.addr_;
     len_ = o.len_;
     fd_ = o.fd_;
+    holes_ = std::move(o.holes_);
     o.addr_ = nullptr;
     o.len_ = 0;
     o.fd_ = -1;

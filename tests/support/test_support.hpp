@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -20,7 +22,22 @@ inline size_t PageSize() {
 }
 inline constexpr size_t kMiB = 1u << 20;
 
-// An mmap'ed region that is unmapped on destruction (unless released or already unmapped).
+// The parts of a test's mapping that the test unmapped itself. The mapping's owner unmaps only the
+// rest: a freed range may hold another mapping since (the monitor's own message slab, say), which
+// a whole-range munmap would take away from under its owner. Not thread-safe.
+class PunchedHoles {
+ public:
+  // munmap(p, len); on success, remembers the hole.
+  int Punch(void* p, size_t len);
+  // munmap [start, start + len) less the holes, then forgets them.
+  void UnmapRest(void* start, size_t len);
+
+ private:
+  std::vector<std::pair<char*, size_t>> holes_;
+};
+
+// An mmap'ed region that is unmapped on destruction (unless released), less the parts unmapped
+// with UnmapPart.
 class Mapping {
  public:
   Mapping() = default;
@@ -45,14 +62,18 @@ class Mapping {
   void Release() {
     addr_ = nullptr;
     len_ = 0;
+    holes_ = PunchedHoles();
   }
-  // munmap now.
+  // munmap [p, p + len), a part of the mapping, which the destructor then leaves alone.
+  int UnmapPart(void* p, size_t len) { return holes_.Punch(p, len); }
+  // munmap now (less the parts already unmapped).
   void Unmap();
 
  private:
   void* addr_ = nullptr;
   size_t len_ = 0;
   int fd_ = -1;
+  PunchedHoles holes_;
 };
 
 // Sets an environment variable for the scope, restoring the previous value.

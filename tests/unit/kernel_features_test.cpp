@@ -286,7 +286,7 @@ TEST(KernelFeaturesTest, PopulateErrnosAsDocumented) {
   EXPECT_EQ(madvise(none.data(), PageSize(), MADV_POPULATE_READ), -1);
   EXPECT_EQ(errno, EINVAL);
   Mapping hole(2 * PageSize(), PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS);
-  ASSERT_EQ(munmap(hole.page(1), PageSize()), 0);
+  ASSERT_EQ(hole.UnmapPart(hole.page(1), PageSize()), 0);
   EXPECT_EQ(madvise(hole.data(), 2 * PageSize(), MADV_POPULATE_READ), -1);
   EXPECT_EQ(errno, ENOMEM);
   munmap(hole.data(), PageSize());

@@ -694,7 +694,7 @@ TEST_F(MigrateTest, ExclusiveAccessOverSeveralVmasWorksWhereWriteProtectTakesOne
 // Exclusive access needs private anonymous memory without holes; the error names the address.
 TEST_F(MigrateTest, ExclusiveAccessOverAHoleOrSharedMemoryIsEinval) {
   Mapping m(3 * PageSize(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  ASSERT_EQ(munmap(m.page(1), PageSize()), 0);
+  ASSERT_EQ(m.UnmapPart(m.page(1), PageSize()), 0);
   std::vector<void*> data(3);
   Status st = MakeDeviceExclusive(*as_, m.addr(), m.end(), &owner_a, data);
   EXPECT_EQ(st.errno_value(), EINVAL);

@@ -49,7 +49,7 @@ TEST_F(MonitorEvents, SyncUnreadDispatchesWhatWasUnmappedAndReportsAQuietMonitor
   IntervalNotifier sub;
   Watch(sub, ops, a);
   // When part of the range is unmapped and SyncUnread returns true
-  ASSERT_EQ(munmap(a.page(2), 2 * pg), 0);
+  ASSERT_EQ(a.UnmapPart(a.page(2), 2 * pg), 0);
   ASSERT_TRUE(as_->monitor()->SyncUnread(std::chrono::milliseconds(1000)));
   // Then the unmap was dispatched already
   EXPECT_TRUE(Has(ops.seen(), InvalidateEvent::kUnmap, a.addr() + 2 * pg, a.end()));
@@ -208,7 +208,7 @@ TEST_F(MonitorEvents, InterpositionNotifiesMprotectMunmapAndMadviseBeforeTheChan
   // interposed munmap/madvise also produces a userfaultfd event, delivered later.)
   as_->monitor()->Sync();
   ops.clear();
-  ASSERT_EQ(munmap(a.page(3), pg), 0);
+  ASSERT_EQ(a.UnmapPart(a.page(3), pg), 0);
   seen = ops.seen();
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen[0].event, InvalidateEvent::kUnmap);

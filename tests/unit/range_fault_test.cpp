@@ -81,7 +81,7 @@ bool Writable(uint64_t e) {
 TEST_F(RangeFaultTest, UnmappedPagesAreErrorEntriesWithoutFaultAndEFAULTWithFault) {
   const size_t pg = PageSize();
   Mapping m(3 * pg, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS);
-  ASSERT_EQ(munmap(m.page(1), pg), 0);  // a hole in the middle
+  ASSERT_EQ(m.UnmapPart(m.page(1), pg), 0);  // a hole in the middle
   std::vector<uint64_t> e;
 
   ASSERT_TRUE(Fault(m.addr(), m.end(), 0, &e).ok());

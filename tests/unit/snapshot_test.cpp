@@ -265,7 +265,7 @@ TEST_P(SnapshotTest, HoleReadsAsZeros) {
   // Given three written pages whose middle one is then unmapped
   Mapping m = SmallAnon(3);
   for (size_t i = 0; i < 3; ++i) Touch(m, i);
-  ASSERT_EQ(munmap(m.page(1), PageSize()), 0);
+  ASSERT_EQ(m.UnmapPart(m.page(1), PageSize()), 0);
   // When the whole range is snapshotted (out pre-filled with garbage)
   std::vector<PageState> pages(3, PageState{0xff, 0xff});
   Status st = as_->Snapshot(m.addr(), m.end(), pages);
@@ -471,7 +471,7 @@ TEST_P(SnapshotTest, PopulateOfUnmappedIsEfault) {
   uintptr_t hole = gone.addr();
   gone.Unmap();
   Mapping half = SmallAnon(4);
-  ASSERT_EQ(munmap(half.page(2), 2 * PageSize()), 0);
+  ASSERT_EQ(half.UnmapPart(half.page(2), 2 * PageSize()), 0);
   // When they are populated
   Status a = as_->Populate(hole, hole + 2 * PageSize(), /*write=*/true);
   Status b = as_->Populate(half.addr(), half.end(), /*write=*/false);
